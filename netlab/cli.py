@@ -1,0 +1,258 @@
+"""netlab's command line: parse, call the library, print. The only place that exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from netlab import __version__, lab
+from netlab.errors import NetlabError
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _output_option(f: F) -> F:
+    return click.option(
+        "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+        help="table for people, json for scripts.",
+    )(f)
+
+
+def _lab_option(f: F) -> F:
+    return click.option("--lab", "lab_name", metavar="LAB", help="Lab to act on (optional when one lab is up).")(f)
+
+
+class NetlabGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NetlabError as exc:
+            if os.environ.get("NETLAB_DEBUG"):
+                raise
+            err.print(f"[red]error:[/red] {exc}")
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: what this run created was removed")
+            sys.exit(130)
+
+
+@click.group(cls=NetlabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="netlab")
+def main() -> None:
+    """netlab: a Kubernetes datapath lab built from real network namespaces.
+
+    \b
+    Examples:
+      sudo netlab up topologies/two-node-vxlan.yaml
+      sudo netlab status
+      sudo netlab exec client -- ping -c1 10.244.1.2
+      sudo netlab down demo
+    """
+
+
+def _print_plan(p: Any) -> None:
+    if p.empty:
+        out.print(f"lab [bold]{p.lab.name}[/bold]: no change (the kernel already matches the topology)")
+        return
+    for step in p.steps:
+        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[step.verb]
+        out.print(f"{sign} {step.verb} {step.target}")
+        for obj in step.objects():
+            out.print(f"    {obj}")
+    counts = ", ".join(f"{v} {k}" for k, v in p.counts().items())
+    out.print(f"lab [bold]{p.lab.name}[/bold]: {len(p.steps)} steps ({counts})")
+
+
+def _plan_json(p: Any) -> dict[str, Any]:
+    return {
+        "lab": p.lab.name,
+        "changed": not p.empty,
+        "steps": [{"verb": s.verb, "kind": type(s).__name__, "target": s.target, "objects": s.objects()}
+                  for s in p.steps],
+    }
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_output_option
+def plan(file: str, output: str) -> None:
+    """Show what `up FILE` would do, without changing anything.
+
+    As root it plans against the running lab (only the difference); without root it plans
+    a fresh build.
+
+    \b
+    Example:
+      netlab plan topologies/two-node-vxlan.yaml
+    """
+    _, p = lab.plan_file(file, observe_kernel=os.geteuid() == 0)
+    if output == "json":
+        out.print_json(json.dumps(_plan_json(p)))
+    else:
+        _print_plan(p)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_output_option
+def up(file: str, output: str) -> None:
+    """Build the lab in FILE, or change a running one to match FILE.
+
+    Running it again changes nothing. After editing FILE, only the difference is applied
+    (added or removed pods and nodes); the rest is left alone. If anything fails, or you
+    press Ctrl-C, what this run created is removed.
+
+    \b
+    Example:
+      sudo netlab up topologies/two-node-vxlan.yaml
+    """
+    show = output == "table" and err.is_terminal
+    if show:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("planning", total=None)
+
+            def progress(i: int, total: int, step: Any) -> None:
+                bar.update(task, completed=i, total=total, description=f"{step.verb} {step.target}")
+
+            res = lab.up(file, progress)
+    else:
+        res = lab.up(file)
+    if output == "json":
+        out.print_json(json.dumps({**_plan_json(res.plan), "seconds": round(res.seconds, 3)}))
+        return
+    if not res.changed:
+        out.print(f"lab [bold]{res.lab}[/bold]: no change (the kernel already matches the topology)")
+        return
+    counts = ", ".join(f"{v} {k}" for k, v in res.plan.counts().items())
+    out.print(f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s")
+    out.print(f"next: sudo netlab status --lab {res.lab}")
+
+
+@main.command()
+@click.argument("lab_name", metavar="[LAB]", required=False)
+@click.option("--all", "all_labs", is_flag=True, help="Remove every netlab lab on this machine.")
+@_output_option
+def down(lab_name: str | None, all_labs: bool, output: str) -> None:
+    """Remove a lab: exactly the namespaces, links and processes that carry its mark.
+
+    Works from what the kernel holds, so it also cleans up after a crash or a `kill -9`,
+    and without the topology file.
+
+    \b
+    Examples:
+      sudo netlab down demo
+      sudo netlab down --all
+    """
+    if lab_name and all_labs:
+        raise click.UsageError("give a LAB or --all, not both")
+    if not lab_name and not all_labs:
+        lab.require_root("down")
+        from netlab.kernel import observe
+
+        labs = observe.list_labs()
+        if len(labs) != 1:
+            raise click.UsageError(
+                "name the lab to remove, or --all" + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)")
+            )
+        lab_name = labs[0]
+    res = lab.down(lab_name, all_labs=all_labs)
+    if output == "json":
+        out.print_json(json.dumps({"labs": res.labs, "netns": res.netns, "processes": res.processes,
+                                   "seconds": round(res.seconds, 3)}))
+        return
+    if not res.netns:
+        out.print(f"nothing to remove ({'no lab is up' if all_labs else f'lab {lab_name} is not up'})")
+        return
+    out.print(f"removed {', '.join(res.labs)}: {len(res.netns)} namespaces, {len(res.processes)} processes "
+              f"in {res.seconds:.2f} s")
+
+
+@main.command()
+@click.argument("lab_name", metavar="[LAB]", required=False)
+@_output_option
+def status(lab_name: str | None, output: str) -> None:
+    """Show labs as the kernel holds them: nodes, pods, links.
+
+    \b
+    Examples:
+      sudo netlab status
+      sudo netlab status demo -o json
+    """
+    lab.require_root("status")
+    from netlab.kernel import observe
+
+    names = [lab.find_lab(lab_name)] if lab_name else observe.list_labs()
+    data = [lab.status(n) for n in names]
+    if output == "json":
+        out.print_json(json.dumps({"labs": data}))
+        return
+    if not data:
+        out.print("no lab is up; start one with `sudo netlab up FILE`")
+        return
+    for d in data:
+        out.print(f"[bold]lab {d['name']}[/bold]" + (f"  ({d['source']})" if d["source"] else ""))
+        t = Table("NODE", "NETNS", "ETH0", "POD CIDR", "OVERLAY", "STATE", box=None)
+        for n in d["nodes"]:
+            t.add_row(n["name"], n["netns"], n["ip"], n["podCIDR"], n["overlay"], n["state"])
+        out.print(t)
+        t = Table("POD", "NODE", "IP", "STATE", "PROCESSES", box=None)
+        for p in d["pods"]:
+            t.add_row(f"{p['namespace']}/{p['name']}", p["node"], p["ip"], p["state"],
+                      ",".join(map(str, p["processes"])) or "-")
+        out.print(t)
+        out.print(f"{len(d['links'])} links; `-o json` lists them")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_lab_option
+@click.argument("target")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(lab_name: str | None, target: str, command: tuple[str, ...]) -> None:  # noqa: A001
+    """Run COMMAND inside a pod's or node's network namespace.
+
+    TARGET is a pod (`name` or `namespace/name`), a node, or `underlay`. Standard input,
+    output and the exit code pass through.
+
+    \b
+    Examples:
+      sudo netlab exec client -- ping -c1 10.244.1.2
+      sudo netlab exec node1 -- ip route
+      sudo netlab exec --lab demo web -- ss -ltn
+    """
+    lab.require_root("exec")
+    name = lab.find_lab(lab_name)
+    ns = lab.exec_target(name, target)
+    argv = list(command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    # `ip netns exec` also gives the command a /sys of the namespace (a private mount ns).
+    os.execvp("ip", ["ip", "netns", "exec", ns, *argv])
+
+
+@main.command()
+def schema() -> None:
+    """Print the topology file's JSON schema (for editor completion).
+
+    \b
+    Example (VS Code, YAML extension): netlab schema > netlab.schema.json, then put
+      # yaml-language-server: $schema=netlab.schema.json
+    at the top of a topology file.
+    """
+    from netlab.topology.schema import Topology
+
+    out.print_json(json.dumps(Topology.model_json_schema(by_alias=True)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""Plan = diff(desired LabPlan, ObservedLab): the ordered steps that make the kernel match.
+
+Entities are compared by fingerprint (every kernel-visible property of a node or pod hashes
+into it, and it is written into the entity's netns mark only once the entity is complete), so
+a half-built or changed entity is replaced, an identical one is left alone, and a second `up`
+plans nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netlab.errors import LabError
+from netlab.plan.model import LabPlan, ObservedLab, Peer
+from netlab.plan.steps import (
+    AddPeer,
+    CreateNode,
+    CreatePod,
+    CreateUnderlay,
+    DeleteNetns,
+    DeletePeer,
+    StartResponder,
+    Step,
+)
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    lab: LabPlan
+    steps: tuple[Step, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.steps:
+            out[type(s).__name__] = out.get(type(s).__name__, 0) + 1
+        return out
+
+
+def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
+    for ns in desired.netns_names:
+        owner = observed.taken.get(ns)
+        if owner is not None:
+            raise LabError(
+                f"network namespace {ns} already belongs to lab {owner!r}; rename lab "
+                f"{desired.name!r} or the clashing node/pod (netns names are nl-<lab>-<name>)"
+            )
+
+    removes: list[Step] = []
+    creates: list[Step] = []
+    want_nodes = {n.name: n for n in desired.nodes}
+    want_pods = {p.key: p for p in desired.pods}
+
+    replaced_nodes: set[str] = set()
+    for name, obs in sorted(observed.nodes.items()):
+        want = want_nodes.get(name)
+        if want is None or want.fingerprint != obs.fingerprint:
+            replaced_nodes.add(name)
+
+    # Pods first: a pod whose node goes away loses its host veth with it.
+    for key, obs in sorted(observed.pods.items()):
+        want = want_pods.get(key)
+        if want is None or want.fingerprint != obs.fingerprint or obs.node in replaced_nodes:
+            removes.append(DeleteNetns("pod", key, obs.netns))
+
+    for name in sorted(replaced_nodes):
+        removes.append(DeleteNetns("node", name, observed.nodes[name].netns))
+
+    # Peers on nodes that stay: remove what no longer matches a desired remote node.
+    kept = {n: o for n, o in observed.nodes.items() if n not in replaced_nodes}
+    for name, obs in sorted(kept.items()):
+        want_peers = {m.as_peer() for m in desired.nodes if m.name != name}
+        for peer in sorted(obs.peers - want_peers, key=_peer_key):
+            removes.append(DeletePeer(name, obs.netns, want_nodes[name].vni, peer))
+
+    if observed.underlay is None:
+        creates.append(CreateUnderlay(desired.name, desired.underlay_netns))
+    for node in desired.nodes:
+        if node.name not in kept:
+            creates.append(CreateNode(desired.name, desired.underlay_netns, node))
+    for node in desired.nodes:
+        have = kept[node.name].peers if node.name in kept else frozenset()
+        for remote in desired.nodes:
+            if remote.name != node.name and remote.as_peer() not in have:
+                creates.append(AddPeer(node, remote.as_peer()))
+
+    removed_pods = {s.ident for s in removes if isinstance(s, DeleteNetns) and s.role == "pod"}
+    for pod in desired.pods:
+        obs_pod = observed.pods.get(pod.key)
+        fresh = obs_pod is None or pod.key in removed_pods
+        if fresh:
+            creates.append(CreatePod(desired.name, pod, desired.node(pod.node)))
+        if pod.serve and (fresh or not obs_pod.responders):  # type: ignore[union-attr]
+            creates.append(StartResponder(desired.name, pod))
+
+    return Plan(desired, tuple(removes + creates))
+
+
+def _peer_key(p: Peer) -> tuple[int, int]:
+    return (int(p.subnet.network_address), int(p.node_ip))

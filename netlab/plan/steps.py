@@ -1,0 +1,167 @@
+"""Typed steps: what `up` does to the kernel, one entity at a time, in order.
+
+A step names the kernel objects it creates or deletes (`objects()`), which is what
+`netlab plan` prints; the kernel layer turns each step into netlink requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netlab.plan import naming
+from netlab.plan.model import NodePlan, Peer, PodPlan
+from netlab.topology.schema import Overlay
+
+__all__ = [
+    "AddPeer",
+    "CreateNode",
+    "CreatePod",
+    "CreateUnderlay",
+    "DeleteNetns",
+    "DeletePeer",
+    "StartResponder",
+    "Step",
+]
+
+
+@dataclass(frozen=True)
+class CreateUnderlay:
+    lab: str
+    netns: str
+    verb = "create"
+
+    @property
+    def target(self) -> str:
+        return "underlay"
+
+    def objects(self) -> list[str]:
+        return [f"netns {self.netns}", f"bridge {naming.UNDERLAY_BRIDGE} (the nodes' L2 network)"]
+
+
+@dataclass(frozen=True)
+class CreateNode:
+    lab: str
+    underlay_netns: str
+    node: NodePlan
+    verb = "create"
+
+    @property
+    def target(self) -> str:
+        return f"node {self.node.name}"
+
+    def objects(self) -> list[str]:
+        n = self.node
+        out = [
+            f"netns {n.netns} (ip_forward=1, bridge-nf-call-iptables=1, IPv6 off)",
+            f"veth {naming.NODE_UPLINK} {n.ip} <-> {self.underlay_netns}/{n.underlay_port} on "
+            f"{naming.UNDERLAY_BRIDGE}",
+            f"bridge {naming.CNI_BRIDGE} {n.gateway} mtu {n.pod_mtu}",
+        ]
+        if n.overlay == Overlay.VXLAN:
+            out.append(
+                f"vxlan {naming.vxlan_device(n.vni)} id {n.vni} dstport {n.vxlan_port} local {n.ip.ip} "
+                f"nolearning mtu {n.pod_mtu} {n.vtep_ip}/32"
+            )
+        return out
+
+
+def _peer_objects(node: NodePlan | None, vni: int, peer: Peer) -> list[str]:
+    if peer.vtep_mac is not None:
+        dev = naming.vxlan_device(vni)
+        gw = peer.subnet.network_address
+        return [
+            f"neigh {gw} lladdr {peer.vtep_mac} dev {dev} nud permanent",
+            f"fdb {peer.vtep_mac} dev {dev} dst {peer.node_ip} self permanent",
+            f"route {peer.subnet} via {gw} dev {dev} onlink",
+        ]
+    return [f"route {peer.subnet} via {peer.node_ip} dev {naming.NODE_UPLINK}"]
+
+
+@dataclass(frozen=True)
+class AddPeer:
+    node: NodePlan
+    peer: Peer
+    verb = "create"
+
+    @property
+    def target(self) -> str:
+        return f"node {self.node.name} -> {self.peer.subnet}"
+
+    def objects(self) -> list[str]:
+        return _peer_objects(self.node, self.node.vni, self.peer)
+
+
+@dataclass(frozen=True)
+class DeletePeer:
+    node: str
+    netns: str
+    vni: int
+    peer: Peer
+    verb = "delete"
+
+    @property
+    def target(self) -> str:
+        return f"node {self.node} -> {self.peer.subnet}"
+
+    def objects(self) -> list[str]:
+        return _peer_objects(None, self.vni, self.peer)
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    lab: str
+    pod: PodPlan
+    node: NodePlan
+    verb = "create"
+
+    @property
+    def target(self) -> str:
+        return f"pod {self.pod.key}"
+
+    def objects(self) -> list[str]:
+        p = self.pod
+        return [
+            f"netns {p.netns} (IPv6 off)",
+            f"veth {naming.POD_IFNAME} {p.ip} mtu {p.mtu} <-> {self.node.netns}/{p.host_veth} on "
+            f"{naming.CNI_BRIDGE} (hairpin on)",
+            f"route default via {p.gateway}",
+        ]
+
+
+@dataclass(frozen=True)
+class StartResponder:
+    lab: str
+    pod: PodPlan
+    verb = "start"
+
+    @property
+    def target(self) -> str:
+        return f"pod {self.pod.key}"
+
+    def objects(self) -> list[str]:
+        ports = " ".join(f"{s.port}/{s.protocol}" for s in self.pod.serve)
+        return [f"responder on {ports} (answers '{self.pod.name}')"]
+
+
+@dataclass(frozen=True)
+class DeleteNetns:
+    """Remove a node, pod or the underlay: stop its processes, delete its netns.
+
+    Deleting a netns deletes every link in it; the kernel then deletes each veth's peer in
+    the other namespace too, so removing a pod also removes its host veth from cni0.
+    """
+
+    role: str
+    ident: str
+    netns: str
+    verb = "delete"
+
+    @property
+    def target(self) -> str:
+        return f"{self.role} {self.ident}" if self.role != "underlay" else "underlay"
+
+    def objects(self) -> list[str]:
+        return [f"netns {self.netns} and everything in it"]
+
+
+Step = CreateUnderlay | CreateNode | AddPeer | DeletePeer | CreatePod | StartResponder | DeleteNetns

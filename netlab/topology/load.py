@@ -1,0 +1,269 @@
+"""Read a topology file: YAML syntax -> schema -> whole-file rules, each error one sentence.
+
+Every error names the file, the key path (`pods[2].serve[0].port`), the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from netlab.errors import TopologyError
+from netlab.topology.schema import Topology
+
+__all__ = ["load", "load_text"]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a topology must not."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
+)
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _get(data: Any, loc: Sequence[int | str]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+_ALIASES = {
+    "pod_cidr": "podCIDR",
+    "node_cidr_mask_size": "nodeCIDRMaskSize",
+    "service_cidr": "serviceCIDR",
+    "node_cidr": "nodeCIDR",
+    "proxy_mode": "proxyMode",
+    "vxlan_port": "vxlanPort",
+}
+
+
+def _allowed_keys(model: Any) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(loc: Sequence[int | str]) -> Any:
+    """The pydantic model that owns the mapping at `loc` (for 'allowed keys' hints)."""
+    from netlab.topology import schema
+
+    model: Any = schema.Topology
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) or model.model_fields.get(
+            {v: k for k, v in _ALIASES.items()}.get(part, part)
+        )
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        nxt = next((c for c in candidates if isinstance(c, type) and hasattr(c, "model_fields")), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _message(err: Any, data: Any) -> tuple[str, str]:
+    loc = [_ALIASES.get(p, p) if isinstance(p, str) else p for p in err["loc"]]
+    # pydantic puts the name of a "before" validator's target into loc; drop those artefacts.
+    loc = [p for p in loc if p not in ("function-after[_shorthand(), ServePort]",)]
+    kind = err["type"]
+    value = _get(data, loc)
+    if value is None and not isinstance(err.get("input"), dict):
+        value = err.get("input")
+    path = _path(loc)
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(_allowed_keys(parent)) if parent else ""
+        hint = f"; allowed keys here: {allowed}" if allowed else ""
+        return path, f"unknown key {loc[-1]!r}{hint}; remove or rename it"
+    if kind == "missing":
+        return path, f"required key {loc[-1]!r} is missing; add it"
+    if kind in ("enum", "literal_error"):
+        expected = err.get("ctx", {}).get("expected", "")
+        return path, f"{value!r} is not allowed; use one of {expected}"
+    if kind == "too_short" and loc and loc[-1] == "nodes":
+        return path, "a lab needs at least one node; add one under nodes:"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return path, msg
+    shown = f" (got {value!r})" if value is not None else ""
+    return path, f"{msg[0].lower()}{msg[1:]}{shown}; fix the value"
+
+
+def load_text(text: str, file: str = "<topology>") -> Topology:
+    """Parse and validate topology YAML. Raises TopologyError with one actionable sentence."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise TopologyError(file, "", f"{where}: {problem}; fix the YAML syntax there") from None
+    except yaml.YAMLError as exc:
+        raise TopologyError(file, "", f"not valid YAML ({exc}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise TopologyError(
+            file, "", "the file must be a YAML mapping with at least `name:` and `nodes:`"
+        )
+    try:
+        topo = Topology.model_validate(data)
+    except ValidationError as exc:
+        path, msg = _message(exc.errors()[0], data)
+        raise TopologyError(file, path, msg) from None
+    check(topo, file)
+    return topo
+
+
+def load(path: str | Path) -> Topology:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise TopologyError(str(p), "", "no such file; check the path") from None
+    except OSError as exc:
+        raise TopologyError(str(p), "", f"cannot read it ({exc.strerror})") from None
+    return load_text(text, str(p))
+
+
+def check(topo: Topology, file: str) -> None:
+    """Rules that span the whole file. Each raises with the key path of the offending value."""
+    c = topo.cluster
+    nets = {
+        "cluster.podCIDR": c.pod_cidr,
+        "cluster.serviceCIDR": c.service_cidr,
+        "cluster.nodeCIDR": c.node_cidr,
+    }
+    keys = list(nets)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            if nets[a].overlaps(nets[b]):
+                raise TopologyError(
+                    file,
+                    b,
+                    f"{nets[b]} overlaps {a} {nets[a]}; pick ranges that do not overlap",
+                )
+    if c.node_cidr_mask_size <= c.pod_cidr.prefixlen:
+        raise TopologyError(
+            file,
+            "cluster.nodeCIDRMaskSize",
+            f"/{c.node_cidr_mask_size} per node does not fit inside podCIDR {c.pod_cidr}; "
+            f"use a mask size larger than {c.pod_cidr.prefixlen}",
+        )
+    node_subnets = 2 ** (c.node_cidr_mask_size - c.pod_cidr.prefixlen)
+    if len(topo.nodes) > node_subnets:
+        raise TopologyError(
+            file,
+            "cluster.podCIDR",
+            f"{c.pod_cidr} holds {node_subnets} node subnets of /{c.node_cidr_mask_size} but there "
+            f"are {len(topo.nodes)} nodes; use a larger podCIDR or a larger nodeCIDRMaskSize",
+        )
+    node_ips = c.node_cidr.num_addresses - 3  # network, broadcast, and one kept for `external`
+    if len(topo.nodes) > node_ips:
+        raise TopologyError(
+            file,
+            "cluster.nodeCIDR",
+            f"{c.node_cidr} holds {node_ips} node addresses but there are {len(topo.nodes)} nodes; "
+            "use a larger nodeCIDR",
+        )
+
+    names: dict[str, int] = {}
+    explicit: dict[ipaddress.IPv4Network, int] = {}
+    for i, node in enumerate(topo.nodes):
+        if node.name in names:
+            raise TopologyError(
+                file,
+                f"nodes[{i}].name",
+                f"{node.name!r} is already the name of nodes[{names[node.name]}]; node names must be unique",
+            )
+        names[node.name] = i
+        if node.pod_cidr is not None:
+            where = f"nodes[{i}].podCIDR"
+            if not node.pod_cidr.subnet_of(c.pod_cidr) or node.pod_cidr.prefixlen != c.node_cidr_mask_size:
+                raise TopologyError(
+                    file,
+                    where,
+                    f"{node.pod_cidr} is not a /{c.node_cidr_mask_size} inside cluster.podCIDR "
+                    f"{c.pod_cidr}; pick one such subnet or leave it out to allocate one",
+                )
+            if node.pod_cidr in explicit:
+                raise TopologyError(
+                    file,
+                    where,
+                    f"{node.pod_cidr} is already nodes[{explicit[node.pod_cidr]}].podCIDR; "
+                    "each node needs its own subnet",
+                )
+            explicit[node.pod_cidr] = i
+
+    capacity = 2 ** (32 - c.node_cidr_mask_size) - 3  # network, gateway (.1), broadcast
+    per_node: dict[str, int] = {}
+    pods: dict[tuple[str, str], int] = {}
+    for i, pod in enumerate(topo.pods):
+        key = (pod.namespace, pod.name)
+        if key in pods:
+            raise TopologyError(
+                file,
+                f"pods[{i}].name",
+                f"{pod.namespace}/{pod.name} is already pods[{pods[key]}]; pod names must be unique "
+                "within a namespace",
+            )
+        pods[key] = i
+        if pod.node not in names:
+            known = ", ".join(sorted(names))
+            raise TopologyError(
+                file,
+                f"pods[{i}].node",
+                f"{pod.node!r} is not a node of this lab; use one of: {known}",
+            )
+        per_node[pod.node] = per_node.get(pod.node, 0) + 1
+        if per_node[pod.node] > capacity:
+            raise TopologyError(
+                file,
+                f"pods[{i}].node",
+                f"node {pod.node!r} would hold more than {capacity} pods, all a "
+                f"/{c.node_cidr_mask_size} pod subnet can address; spread pods over more nodes or "
+                "lower cluster.nodeCIDRMaskSize",
+            )
+        seen_ports: set[tuple[int, str]] = set()
+        for j, sp in enumerate(pod.serve):
+            if (sp.port, sp.protocol) in seen_ports:
+                raise TopologyError(
+                    file,
+                    f"pods[{i}].serve[{j}]",
+                    f"{sp.port}/{sp.protocol} is listed twice; list each port once",
+                )
+            seen_ports.add((sp.port, sp.protocol))
