@@ -83,7 +83,7 @@ def _plan_json(p: Any) -> dict[str, Any]:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @_output_option
 def plan(file: str, output: str) -> None:
     """Show what `up FILE` would do, without changing anything.
@@ -103,7 +103,7 @@ def plan(file: str, output: str) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @_output_option
 def up(file: str, output: str) -> None:
     """Build the lab in FILE, or change a running one to match FILE.

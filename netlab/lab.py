@@ -73,9 +73,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def plan_file(file: str | Path, *, observe_kernel: bool) -> tuple[Topology, Plan]:
+def plan_file(file: str | Path, *, observe_kernel: bool, topo: Topology | None = None) -> tuple[Topology, Plan]:
     """Load and plan a topology. Without root (or observe_kernel=False) plan against nothing."""
-    topo = load(file)
+    topo = topo or load(file)
     observed = None
     if observe_kernel:
         observed = observe.observe_lab(topo.name, topo.cluster.vni)
@@ -163,12 +163,12 @@ def up(file: str | Path, progress: Progress | None = None) -> UpResult:
     topo = load(file)
     with _lock(topo.name), _sigterm_as_interrupt():
         features.check(vxlan=topo.cluster.overlay == Overlay.VXLAN)
-        _, p = plan_file(file, observe_kernel=True)
+        _, p = plan_file(file, observe_kernel=True, topo=topo)
         if not p.empty:
             state = build.STATE_DIR / topo.name
             state.mkdir(parents=True, exist_ok=True)
             (state / "state.json").write_text(
-                json.dumps({"lab": topo.name, "source": str(Path(file).resolve()),
+                json.dumps({"lab": topo.name, "source": str(file) if str(file) == "-" else str(Path(file).resolve()),
                             "topology": topo.model_dump(mode="json", by_alias=True)}, indent=2)
             )
             apply(p, progress)

@@ -150,6 +150,11 @@ def load_text(text: str, file: str = "<topology>") -> Topology:
 
 
 def load(path: str | Path) -> Topology:
+    """Load a topology file; `-` reads standard input."""
+    if str(path) == "-":
+        import sys
+
+        return load_text(sys.stdin.read(), "<stdin>")
     p = Path(path)
     try:
         text = p.read_text()

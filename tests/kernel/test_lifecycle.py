@@ -221,6 +221,6 @@ def test_not_root_is_refused(make_lab: Any) -> None:
     assert "needs root" in r.stderr and "sudo" in r.stderr
     assert not lab.netns()
     # planning needs no root
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "plan", "/dev/stdin"],
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "plan", "-"],
                        capture_output=True, text=True, cwd="/", input=lab.file.read_text())
     assert r.returncode == 0 and "create node node1" in r.stdout
