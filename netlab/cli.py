@@ -23,13 +23,19 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _output_option(f: F) -> F:
     return click.option(
-        "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
         help="table for people, json for scripts.",
     )(f)
 
 
 def _lab_option(f: F) -> F:
-    return click.option("--lab", "lab_name", metavar="LAB", help="Lab to act on (optional when one lab is up).")(f)
+    return click.option(
+        "--lab", "lab_name", metavar="LAB", help="Lab to act on (optional when one lab is up)."
+    )(f)
 
 
 class NetlabGroup(click.Group):
@@ -65,7 +71,9 @@ def _print_plan(p: Any) -> None:
         out.print(f"lab [bold]{p.lab.name}[/bold]: no change (the kernel already matches the topology)")
         return
     for step in p.steps:
-        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[step.verb]
+        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[
+            step.verb
+        ]
         out.print(f"{sign} {step.verb} {step.target}")
         for obj in step.objects():
             out.print(f"    {obj}")
@@ -77,8 +85,10 @@ def _plan_json(p: Any) -> dict[str, Any]:
     return {
         "lab": p.lab.name,
         "changed": not p.empty,
-        "steps": [{"verb": s.verb, "kind": type(s).__name__, "target": s.target, "objects": s.objects()}
-                  for s in p.steps],
+        "steps": [
+            {"verb": s.verb, "kind": type(s).__name__, "target": s.target, "objects": s.objects()}
+            for s in p.steps
+        ],
     }
 
 
@@ -118,8 +128,14 @@ def up(file: str, output: str) -> None:
     """
     show = output == "table" and err.is_terminal
     if show:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
             task = bar.add_task("planning", total=None)
 
             def progress(i: int, total: int, step: Any) -> None:
@@ -135,7 +151,9 @@ def up(file: str, output: str) -> None:
         out.print(f"lab [bold]{res.lab}[/bold]: no change (the kernel already matches the topology)")
         return
     counts = ", ".join(f"{v} {k}" for k, v in res.plan.counts().items())
-    out.print(f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s")
+    out.print(
+        f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s"
+    )
     out.print(f"next: sudo netlab status --lab {res.lab}")
 
 
@@ -163,19 +181,30 @@ def down(lab_name: str | None, all_labs: bool, output: str) -> None:
         labs = observe.list_labs()
         if len(labs) != 1:
             raise click.UsageError(
-                "name the lab to remove, or --all" + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)")
+                "name the lab to remove, or --all"
+                + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)")
             )
         lab_name = labs[0]
     res = lab.down(lab_name, all_labs=all_labs)
     if output == "json":
-        out.print_json(json.dumps({"labs": res.labs, "netns": res.netns, "processes": res.processes,
-                                   "seconds": round(res.seconds, 3)}))
+        out.print_json(
+            json.dumps(
+                {
+                    "labs": res.labs,
+                    "netns": res.netns,
+                    "processes": res.processes,
+                    "seconds": round(res.seconds, 3),
+                }
+            )
+        )
         return
     if not res.netns:
         out.print(f"nothing to remove ({'no lab is up' if all_labs else f'lab {lab_name} is not up'})")
         return
-    out.print(f"removed {', '.join(res.labs)}: {len(res.netns)} namespaces, {len(res.processes)} processes "
-              f"in {res.seconds:.2f} s")
+    out.print(
+        f"removed {', '.join(res.labs)}: {len(res.netns)} namespaces, {len(res.processes)} processes "
+        f"in {res.seconds:.2f} s"
+    )
 
 
 @main.command()
@@ -208,8 +237,13 @@ def status(lab_name: str | None, output: str) -> None:
         out.print(t)
         t = Table("POD", "NODE", "IP", "STATE", "PROCESSES", box=None)
         for p in d["pods"]:
-            t.add_row(f"{p['namespace']}/{p['name']}", p["node"], p["ip"], p["state"],
-                      ",".join(map(str, p["processes"])) or "-")
+            t.add_row(
+                f"{p['namespace']}/{p['name']}",
+                p["node"],
+                p["ip"],
+                p["state"],
+                ",".join(map(str, p["processes"])) or "-",
+            )
         out.print(t)
         out.print(f"{len(d['links'])} links; `-o json` lists them")
 

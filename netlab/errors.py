@@ -1,12 +1,12 @@
 """The one error hierarchy of netlab. Only the CLI turns these into exit codes.
 
-    NetlabError
-     ├── TopologyError     a topology file is unreadable or invalid (file, key path, value, fix)
-     ├── PlanError         the topology is valid but cannot be laid out (address space, names)
-     ├── LabError          a lab is missing, ambiguous, locked or owned by another lab
-     ├── PrivilegeError    the command needs root (CAP_NET_ADMIN / CAP_SYS_ADMIN)
-     ├── FeatureError      the running kernel lacks something the lab needs
-     └── KernelError       the kernel refused an operation (carries op, target, errno)
+NetlabError
+ ├── TopologyError     a topology file is unreadable or invalid (file, key path, value, fix)
+ ├── PlanError         the topology is valid but cannot be laid out (address space, names)
+ ├── LabError          a lab is missing, ambiguous, locked or owned by another lab
+ ├── PrivilegeError    the command needs root (CAP_NET_ADMIN / CAP_SYS_ADMIN)
+ ├── FeatureError      the running kernel lacks something the lab needs
+ └── KernelError       the kernel refused an operation (carries op, target, errno)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The library API: up, down, status, exec targets. The CLI is a thin shell over this.
 
-    up(file)  : load -> validate -> observe the kernel -> resolve -> plan (diff) -> apply
-    down(lab) : found by ownership marks in the kernel; stop processes, delete namespaces
+up(file)  : load -> validate -> observe the kernel -> resolve -> plan (diff) -> apply
+down(lab) : found by ownership marks in the kernel; stop processes, delete namespaces
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def plan_file(file: str | Path, *, observe_kernel: bool, topo: Topology | None = None) -> tuple[Topology, Plan]:
+def plan_file(
+    file: str | Path, *, observe_kernel: bool, topo: Topology | None = None
+) -> tuple[Topology, Plan]:
     """Load and plan a topology. Without root (or observe_kernel=False) plan against nothing."""
     topo = topo or load(file)
     observed = None
@@ -168,8 +170,14 @@ def up(file: str | Path, progress: Progress | None = None) -> UpResult:
             state = build.STATE_DIR / topo.name
             state.mkdir(parents=True, exist_ok=True)
             (state / "state.json").write_text(
-                json.dumps({"lab": topo.name, "source": str(file) if str(file) == "-" else str(Path(file).resolve()),
-                            "topology": topo.model_dump(mode="json", by_alias=True)}, indent=2)
+                json.dumps(
+                    {
+                        "lab": topo.name,
+                        "source": str(file) if str(file) == "-" else str(Path(file).resolve()),
+                        "topology": topo.model_dump(mode="json", by_alias=True),
+                    },
+                    indent=2,
+                )
             )
             apply(p, progress)
     return UpResult(topo.name, p, time.perf_counter() - t0, not p.empty)
@@ -199,7 +207,9 @@ def down(lab: str | None = None, *, all_labs: bool = False) -> DownResult:
     res = DownResult(labs)
     for name in labs:
         with _lock(name):
-            mine = sorted((ns for ns, m in marks.items() if m[0] == name), key=lambda ns: _role_order(marks[ns]))
+            mine = sorted(
+                (ns for ns, m in marks.items() if m[0] == name), key=lambda ns: _role_order(marks[ns])
+            )
             res.processes += build.stop_processes(mine)
             for ns in mine:
                 netns.delete(ns)
@@ -210,7 +220,12 @@ def down(lab: str | None = None, *, all_labs: bool = False) -> DownResult:
             if journal.exists():
                 for line in journal.read_text().splitlines():
                     kind, _, rest = line.partition(" ")
-                    if kind == "netns" and netns.exists(rest) and netns.inode(rest) is None and rest not in marks:
+                    if (
+                        kind == "netns"
+                        and netns.exists(rest)
+                        and netns.inode(rest) is None
+                        and rest not in marks
+                    ):
                         netns.delete(rest)
                         res.netns.append(rest)
             shutil.rmtree(build.STATE_DIR / name, ignore_errors=True)
@@ -228,7 +243,8 @@ def find_lab(lab: str | None) -> str:
     if lab:
         if lab not in labs:
             raise LabError(
-                f"no lab named {lab!r} is up" + (f" (up: {', '.join(labs)})" if labs else "")
+                f"no lab named {lab!r} is up"
+                + (f" (up: {', '.join(labs)})" if labs else "")
                 + "; start it with `netlab up FILE`"
             )
         return lab
@@ -256,34 +272,42 @@ def status(lab: str) -> dict[str, Any]:
     underlay = None
     for ns, (_, role, ident, fp) in sorted(marks.items()):
         st = observe.read_state(ns)
-        ready = fp not in ("-",)
+        complete = fp != "-"  # the fingerprint is written last: "-" means interrupted mid-build
+        links += [
+            {"netns": ns, "name": li.name, "kind": li.kind, "master": li.master, "up": li.up, "mtu": li.mtu}
+            for li in st.links.values()
+        ]
+        addr = dict(a.split(" ", 1) for a in st.addrs)
         if role == "underlay":
             underlay = ns
-            for l in st.links.values():
-                if l.kind == "veth":
-                    links.append({"netns": ns, "name": l.name, "kind": l.kind, "master": l.master, "up": l.up,
-                                  "mtu": l.mtu})
-            continue
-        addr = {a.split()[0]: a.split()[1] for a in st.addrs}
-        if role == "node":
-            nodes.append({
-                "name": ident, "netns": ns, "ip": addr.get("eth0"), "podCIDR": _net(addr.get("cni0")),
-                "overlay": "vxlan" if any(l.kind == "vxlan" for l in st.links.values()) else "host-gw",
-                "state": "Ready" if ready else "Incomplete",
-                "routes": sorted(st.routes),
-            })
+        elif role == "node":
+            nodes.append(
+                {
+                    "name": ident,
+                    "netns": ns,
+                    "ip": addr.get("eth0"),
+                    "podCIDR": _net(addr.get("cni0")),
+                    "overlay": "vxlan" if any(li.kind == "vxlan" for li in st.links.values()) else "host-gw",
+                    "state": "Ready" if complete else "Incomplete",
+                    "routes": sorted(st.routes),
+                }
+            )
         else:
             key, _, node = ident.partition("@")
+            namespace, _, name = key.partition("/")
             ino = netns.inode(ns)
-            pids = [p for p in procs.get(ino, [])] if ino else []
             eth0 = st.links.get("eth0")
-            state = "Running" if ready and eth0 and eth0.up else "Incomplete"
-            ns_name, _, name = key.partition("/")
-            pods.append({"name": name, "namespace": ns_name, "node": node, "netns": ns,
-                         "ip": (addr.get("eth0") or "").split("/")[0] or None, "state": state,
-                         "processes": pids})
-        for l in st.links.values():
-            links.append({"netns": ns, "name": l.name, "kind": l.kind, "master": l.master, "up": l.up, "mtu": l.mtu})
+            pods.append(
+                {
+                    "name": name,
+                    "namespace": namespace,
+                    "node": node,
+                    "netns": ns,
+                    "ip": addr["eth0"].split("/")[0] if "eth0" in addr else None,
+                    "state": "Running" if complete and eth0 and eth0.up else "Incomplete",
+                    "processes": procs.get(ino, []) if ino else [],
+                }
+            )
     return {"name": lab, "source": source, "underlay": underlay, "nodes": nodes, "pods": pods, "links": links}
 
 

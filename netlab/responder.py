@@ -81,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         pass
     while True:
         for key, _ in sel.select():
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            sock = key.fileobj
+            if not isinstance(sock, socket.socket):  # only sockets are registered
+                continue
             try:
                 if key.data == "udp":
-                    _, peer = s.recvfrom(65535)
-                    s.sendto(name + b"\n", peer)
+                    _, peer = sock.recvfrom(65535)
+                    sock.sendto(name + b"\n", peer)
                 else:
-                    conn, _ = s.accept()
+                    conn, _ = sock.accept()
                     conn.setblocking(True)
                     threading.Thread(target=_tcp_client, args=(conn, name), daemon=True).start()
             except (BlockingIOError, InterruptedError):

@@ -54,7 +54,7 @@ def host_snapshot() -> dict[str, str]:
         "links": _sh(["ip", "-o", "link", "show"]),
         "addrs": _sh(["ip", "-o", "addr", "show"]),
         "routes": _sh(["ip", "route", "show", "table", "all"]),
-        "iptables": "\n".join(l for l in _sh(["iptables-save"]).splitlines() if not l.startswith("#")),
+        "iptables": "\n".join(x for x in _sh(["iptables-save"]).splitlines() if not x.startswith("#")),
         "nft": _sh(["nft", "list", "ruleset"]),
     }
 
@@ -117,10 +117,17 @@ class Lab:
         self.spec = spec
         self.file.write_text(yaml.safe_dump(spec))
 
-    def netlab(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-               input: str | None = None) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([*NETLAB, *args], capture_output=True, text=True, input=input,
-                           env={**os.environ, **(env or {})}, cwd=REPO)
+    def netlab(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [*NETLAB, *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            env={**os.environ, **(env or {})},
+            cwd=REPO,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"netlab {' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}")
         return r
@@ -134,7 +141,9 @@ class Lab:
     def status(self) -> dict[str, Any]:
         return json.loads(self.netlab("status", self.name, "-o", "json").stdout)["labs"][0]  # type: ignore[no-any-return]
 
-    def exec(self, target: str, *cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, target: str, *cmd: str, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return self.netlab("exec", "--lab", self.name, target, "--", *cmd, check=check, input=input)
 
     def pod_ip(self, name: str) -> str:

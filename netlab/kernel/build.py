@@ -9,6 +9,7 @@ find. The ownership mark's fingerprint is written last: a namespace whose mark s
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import signal
@@ -186,9 +187,7 @@ def _peer_requests(ipr: IPRoute, vni: int, peer: Peer, command: str) -> None:
             lambda: ipr.neigh(command, ifindex=vx, dst=gw, lladdr=peer.vtep_mac, state=NUD_PERMANENT),
             # AF_BRIDGE entry on the VXLAN device: frames for this MAC go to the remote node IP.
             lambda: ipr.fdb(command, ifindex=vx, lladdr=peer.vtep_mac, dst=str(peer.node_ip)),
-            lambda: ipr.route(
-                command, dst=str(peer.subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK
-            ),
+            lambda: ipr.route(command, dst=str(peer.subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK),
         ]
     else:
         eth0 = _lookup(ipr, naming.NODE_UPLINK)
@@ -269,7 +268,7 @@ def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float =
                 start_new_session=True,  # not in our process group: Ctrl-C of `up` must not kill it
                 close_fds=True,
             )
-        undo.append(lambda pid=proc.pid: _kill([pid]))
+        undo.append(functools.partial(_kill, [proc.pid]))
         journal(lab, f"responder {p.netns} {proc.pid}")
         started.append((p, proc))
     deadline = time.monotonic() + timeout
@@ -280,8 +279,8 @@ def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float =
         proc.stdout.close()
         if line.strip() != b"ready":
             proc.poll()
-            log = (logdir / f"{p.namespace}_{p.name}.log").read_text(errors="replace").strip().splitlines()
-            reason = log[-1] if log else "no output"
+            lines = (logdir / f"{p.namespace}_{p.name}.log").read_text(errors="replace").strip().splitlines()
+            reason = lines[-1] if lines else "no output"
             raise KernelError(f"start responder for pod {p.key}", p.netns, None, reason)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,27 +24,35 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _probe(need_vxlan: bool, out: list[str]) -> None:
     if _libc.unshare(CLONE_NEWNET) != 0:
-        out.append("netns: cannot create a network namespace (unshare CLONE_NEWNET failed); "
-                   "run as root on a kernel with CONFIG_NET_NS")
+        out.append(
+            "netns: cannot create a network namespace (unshare CLONE_NEWNET failed); "
+            "run as root on a kernel with CONFIG_NET_NS"
+        )
         return
     import os
 
     if not os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
-        out.append("br_netfilter: the kernel has no net.bridge.bridge-nf-call-iptables (detected by "
-                   "looking for the sysctl in a fresh namespace); run `modprobe br_netfilter`")
+        out.append(
+            "br_netfilter: the kernel has no net.bridge.bridge-nf-call-iptables (detected by "
+            "looking for the sysctl in a fresh namespace); run `modprobe br_netfilter`"
+        )
     with IPRoute() as ipr:
-        for kind, kw in (
-            ("bridge", {}),
-            ("veth", {"peer": "nlprobe1"}),
-            *([("vxlan", {"vxlan_id": 1, "vxlan_port": 8472, "vxlan_learning": 0})] if need_vxlan else []),
-        ):
+        probes: list[tuple[str, dict[str, Any]]] = [("bridge", {}), ("veth", {"peer": "nlprobe1"})]
+        if need_vxlan:
+            probes.append(("vxlan", {"vxlan_id": 1, "vxlan_port": 8472, "vxlan_learning": 0}))
+        for kind, kw in probes:
             try:
                 ipr.link("add", ifname=f"nlprobe-{kind[:5]}", kind=kind, **kw)
             except NetlinkError as exc:
-                fix = "run `modprobe vxlan` or set cluster.overlay: host-gw" if kind == "vxlan" else \
-                    f"run `modprobe {kind}`"
-                out.append(f"{kind}: creating a {kind} link in a scratch namespace failed "
-                           f"({os.strerror(exc.code)}); {fix}")
+                fix = (
+                    "run `modprobe vxlan` or set cluster.overlay: host-gw"
+                    if kind == "vxlan"
+                    else f"run `modprobe {kind}`"
+                )
+                out.append(
+                    f"{kind}: creating a {kind} link in a scratch namespace failed "
+                    f"({os.strerror(exc.code)}); {fix}"
+                )
 
 
 def check(*, vxlan: bool) -> None:

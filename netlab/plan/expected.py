@@ -29,13 +29,19 @@ def expected_state(lab: LabPlan) -> dict[str, ExpectedNetns]:
     under = out[lab.underlay_netns] = ExpectedNetns(sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
     under.links[naming.UNDERLAY_BRIDGE] = {"kind": "bridge", "master": None}
     for n in lab.nodes:
-        under.links[n.underlay_port] = {"kind": "veth", "mac": n.underlay_port_mac, "mtu": n.mtu,
-                                        "master": naming.UNDERLAY_BRIDGE}
-        e = out[n.netns] = ExpectedNetns(sysctls={
-            "net.ipv4.ip_forward": "1",
-            "net.bridge.bridge-nf-call-iptables": "1",
-            "net.ipv6.conf.all.disable_ipv6": "1",
-        })
+        under.links[n.underlay_port] = {
+            "kind": "veth",
+            "mac": n.underlay_port_mac,
+            "mtu": n.mtu,
+            "master": naming.UNDERLAY_BRIDGE,
+        }
+        e = out[n.netns] = ExpectedNetns(
+            sysctls={
+                "net.ipv4.ip_forward": "1",
+                "net.bridge.bridge-nf-call-iptables": "1",
+                "net.ipv6.conf.all.disable_ipv6": "1",
+            }
+        )
         e.links[naming.NODE_UPLINK] = {"kind": "veth", "mac": n.mac, "mtu": n.mtu, "master": None}
         e.links[naming.CNI_BRIDGE] = {"kind": "bridge", "mac": n.cni_mac, "mtu": n.pod_mtu, "master": None}
         e.addrs |= {f"{naming.NODE_UPLINK} {n.ip}", f"{naming.CNI_BRIDGE} {n.gateway}"}
@@ -56,8 +62,13 @@ def expected_state(lab: LabPlan) -> dict[str, ExpectedNetns]:
                 e.routes.add(f"{m.pod_cidr} via {m.ip.ip} dev {naming.NODE_UPLINK}")
     for p in lab.pods:
         node = out[lab.node(p.node).netns]
-        node.links[p.host_veth] = {"kind": "veth", "mac": p.host_mac, "mtu": p.mtu,
-                                   "master": naming.CNI_BRIDGE, "hairpin": True}
+        node.links[p.host_veth] = {
+            "kind": "veth",
+            "mac": p.host_mac,
+            "mtu": p.mtu,
+            "master": naming.CNI_BRIDGE,
+            "hairpin": True,
+        }
         e = out[p.netns] = ExpectedNetns(sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
         e.links[naming.POD_IFNAME] = {"kind": "veth", "mac": p.mac, "mtu": p.mtu, "master": None}
         e.addrs.add(f"{naming.POD_IFNAME} {p.ip}")

@@ -64,8 +64,8 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
     node_ips: dict[str, IPv4Address] = {}
     for n in topo.nodes:
         prev = obs_nodes.get(n.name)
-        if prev and prev.ip in node_candidates and prev.ip not in node_ips.values():
-            node_ips[n.name] = prev.ip  # type: ignore[assignment]
+        if prev and prev.ip is not None and prev.ip in node_candidates and prev.ip not in node_ips.values():
+            node_ips[n.name] = prev.ip
     for n in topo.nodes:
         if n.name not in node_ips:
             ip = _lowest_free(node_candidates, set(node_ips.values()))
@@ -101,19 +101,19 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
     pod_ips: dict[str, IPv4Address] = {}
     for p in topo.pods:
         key = f"{p.namespace}/{p.name}"
-        prev = obs_pods.get(key)
+        prev_pod = obs_pods.get(key)
         node = by_name[p.node]
         if (
-            prev
-            and prev.node == p.node
-            and prev.ip is not None
-            and prev.ip in node.pod_cidr
-            and prev.ip not in (node.pod_cidr.network_address, node.gateway.ip,
-                                node.pod_cidr.broadcast_address)
-            and prev.ip not in used[p.node]
+            prev_pod
+            and prev_pod.node == p.node
+            and prev_pod.ip is not None
+            and prev_pod.ip in node.pod_cidr
+            and prev_pod.ip
+            not in (node.pod_cidr.network_address, node.gateway.ip, node.pod_cidr.broadcast_address)
+            and prev_pod.ip not in used[p.node]
         ):
-            pod_ips[key] = prev.ip
-            used[p.node].add(prev.ip)
+            pod_ips[key] = prev_pod.ip
+            used[p.node].add(prev_pod.ip)
     pods: list[PodPlan] = []
     veths: dict[tuple[str, str], str] = {}
     for p in topo.pods:

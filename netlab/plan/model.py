@@ -62,8 +62,17 @@ class NodePlan:
     @property
     def fingerprint(self) -> str:
         return _fp(
-            self.ip, self.mac, self.underlay_port, self.pod_cidr, self.cni_mac, self.vtep_mac,
-            self.overlay, self.mtu, self.pod_mtu, self.vni, self.vxlan_port,
+            self.ip,
+            self.mac,
+            self.underlay_port,
+            self.pod_cidr,
+            self.cni_mac,
+            self.vtep_mac,
+            self.overlay,
+            self.mtu,
+            self.pod_mtu,
+            self.vni,
+            self.vxlan_port,
         )
 
 
@@ -90,8 +99,16 @@ class PodPlan:
     @property
     def fingerprint(self) -> str:
         serve = tuple((s.port, str(s.protocol)) for s in self.serve)
-        return _fp(self.node, self.ip, self.mac, self.host_veth, self.host_mac, self.mtu, serve,
-                   self.node_fingerprint)
+        return _fp(
+            self.node,
+            self.ip,
+            self.mac,
+            self.host_veth,
+            self.host_mac,
+            self.mtu,
+            serve,
+            self.node_fingerprint,
+        )
 
 
 @dataclass(frozen=True)

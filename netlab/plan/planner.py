@@ -63,10 +63,10 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
             replaced_nodes.add(name)
 
     # Pods first: a pod whose node goes away loses its host veth with it.
-    for key, obs in sorted(observed.pods.items()):
-        want = want_pods.get(key)
-        if want is None or want.fingerprint != obs.fingerprint or obs.node in replaced_nodes:
-            removes.append(DeleteNetns("pod", key, obs.netns))
+    for key, obs_pod in sorted(observed.pods.items()):
+        want_pod = want_pods.get(key)
+        if want_pod is None or want_pod.fingerprint != obs_pod.fingerprint or obs_pod.node in replaced_nodes:
+            removes.append(DeleteNetns("pod", key, obs_pod.netns))
 
     for name in sorted(replaced_nodes):
         removes.append(DeleteNetns("node", name, observed.nodes[name].netns))
@@ -91,11 +91,11 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
 
     removed_pods = {s.ident for s in removes if isinstance(s, DeleteNetns) and s.role == "pod"}
     for pod in desired.pods:
-        obs_pod = observed.pods.get(pod.key)
-        fresh = obs_pod is None or pod.key in removed_pods
-        if fresh:
+        running = observed.pods.get(pod.key)
+        if running is None or pod.key in removed_pods:
             creates.append(CreatePod(desired.name, pod, desired.node(pod.node)))
-        if pod.serve and (fresh or not obs_pod.responders):  # type: ignore[union-attr]
+            running = None
+        if pod.serve and (running is None or not running.responders):
             creates.append(StartResponder(desired.name, pod))
 
     return Plan(desired, tuple(removes + creates))

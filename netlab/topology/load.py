@@ -26,17 +26,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
 )
 
 
@@ -137,9 +136,7 @@ def load_text(text: str, file: str = "<topology>") -> Topology:
     except yaml.YAMLError as exc:
         raise TopologyError(file, "", f"not valid YAML ({exc}); fix the syntax") from None
     if not isinstance(data, dict):
-        raise TopologyError(
-            file, "", "the file must be a YAML mapping with at least `name:` and `nodes:`"
-        )
+        raise TopologyError(file, "", "the file must be a YAML mapping with at least `name:` and `nodes:`")
     try:
         topo = Topology.model_validate(data)
     except ValidationError as exc:

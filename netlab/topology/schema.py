@@ -89,18 +89,12 @@ class ServePort(_Model):
 
 
 class Cluster(_Model):
-    pod_cidr: ipaddress.IPv4Network = Field(
-        default=ipaddress.IPv4Network("10.244.0.0/16"), alias="podCIDR"
-    )
-    node_cidr_mask_size: Annotated[int, Field(ge=16, le=28)] = Field(
-        default=24, alias="nodeCIDRMaskSize"
-    )
+    pod_cidr: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("10.244.0.0/16"), alias="podCIDR")
+    node_cidr_mask_size: Annotated[int, Field(ge=16, le=28)] = Field(default=24, alias="nodeCIDRMaskSize")
     service_cidr: ipaddress.IPv4Network = Field(
         default=ipaddress.IPv4Network("10.96.0.0/12"), alias="serviceCIDR"
     )
-    node_cidr: ipaddress.IPv4Network = Field(
-        default=ipaddress.IPv4Network("172.18.0.0/24"), alias="nodeCIDR"
-    )
+    node_cidr: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("172.18.0.0/24"), alias="nodeCIDR")
     overlay: Overlay = Overlay.VXLAN
     proxy_mode: ProxyMode = Field(default=ProxyMode.IPTABLES, alias="proxyMode")
     mtu: Annotated[int, Field(ge=1280, le=9000)] = 1500

@@ -20,9 +20,23 @@ class UnderlayCapture:
     def __init__(self, lab: Lab, path: Path) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", f"nl-{lab.name}-underlay", "tcpdump", "-i", "br0", "-n", "-U",
-             "-w", str(path), "udp or icmp or tcp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"nl-{lab.name}-underlay",
+                "tcpdump",
+                "-i",
+                "br0",
+                "-n",
+                "-U",
+                "-w",
+                str(path),
+                "udp or icmp or tcp",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()  # "listening on br0 ..." once the socket is open
@@ -73,8 +87,9 @@ def test_pod_to_pod(make_lab: Any, tmp_path: Path, overlay: str) -> None:
     nodes = {n["name"]: n["ip"].split("/")[0] for n in lab.status()["nodes"]}
     vx = [f for f in frames if f.haslayer(VXLAN)]
     plain = [f for f in frames if f.haslayer(IP) and not f.haslayer(VXLAN)]
-    same_node = [f for f in frames if f.haslayer(IP) and a2 in (f[IP].src, f[IP].dst)
-                 and not f.haslayer(VXLAN)]
+    same_node = [
+        f for f in frames if f.haslayer(IP) and a2 in (f[IP].src, f[IP].dst) and not f.haslayer(VXLAN)
+    ]
     assert not same_node, "same-node traffic must never reach the underlay"
     if overlay == "vxlan":
         outer = {(f[IP].src, f[IP].dst, f[UDP].dport, f[VXLAN].vni) for f in vx}
@@ -82,7 +97,9 @@ def test_pod_to_pod(make_lab: Any, tmp_path: Path, overlay: str) -> None:
         assert (nodes["node2"], nodes["node1"], 8472, 1) in outer
         inner = [f[VXLAN].payload for f in vx]
         assert any(p.haslayer(ICMP) and p[IP].src == a1 and p[IP].dst == b1 for p in inner)
-        assert any(p.haslayer(TCP) and p[IP].src == a1 and p[IP].dst == b1 and p[TCP].dport == 8080 for p in inner)
+        assert any(
+            p.haslayer(TCP) and p[IP].src == a1 and p[IP].dst == b1 and p[TCP].dport == 8080 for p in inner
+        )
         assert not [f for f in plain if f[IP].src == a1], "VXLAN lab leaked an unencapsulated pod packet"
     else:
         assert not vx, "host-gw must not encapsulate"
@@ -94,9 +111,9 @@ def test_readback_equals_plan(make_lab: Any) -> None:
     """Every link, address, route, neighbour and FDB entry the plan names is in the kernel,
     and nothing else that netlab programs."""
     from netlab.kernel import observe
+    from netlab.plan import resolve
     from netlab.plan.expected import expected_state
     from netlab.plan.model import ObservedLab
-    from netlab.plan import resolve
     from netlab.topology import load
 
     lab = make_lab({**two_nodes(), "nodes": [{"name": "node1"}, {"name": "node2"}, {"name": "node3"}]})

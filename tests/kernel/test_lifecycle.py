@@ -133,11 +133,14 @@ def test_failed_up_rolls_back(make_lab: Any) -> None:
 
 
 def test_ctrl_c_mid_up_leaves_nothing(make_lab: Any) -> None:
-    spec = {"nodes": [{"name": f"n{i}"} for i in range(4)],
-            "pods": [{"name": f"p{i}", "node": f"n{i % 4}"} for i in range(120)]}
+    spec = {
+        "nodes": [{"name": f"n{i}"} for i in range(4)],
+        "pods": [{"name": f"p{i}", "node": f"n{i % 4}"} for i in range(120)],
+    }
     lab = make_lab(spec)
-    proc = subprocess.Popen([*NETLAB, "up", str(lab.file)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*NETLAB, "up", str(lab.file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len([n for n in kns.list_names(f"nl-{lab.name}-")]) < 20:
         time.sleep(0.01)
@@ -193,7 +196,9 @@ def test_netns_name_owned_by_another_lab(make_lab: Any) -> None:
 def test_exec_passes_stdin_stdout_and_exit_code(make_lab: Any) -> None:
     lab = make_lab(two_nodes())
     lab.up()
-    r = lab.exec("a1", "sh", "-c", "cat; ip -o -4 addr show eth0 | wc -l; exit 7", check=False, input="hello\n")
+    r = lab.exec(
+        "a1", "sh", "-c", "cat; ip -o -4 addr show eth0 | wc -l; exit 7", check=False, input="hello\n"
+    )
     assert r.returncode == 7
     assert r.stdout.splitlines() == ["hello", "1"]
     assert "cni0" in lab.exec("node1", "ip", "-o", "link", "show").stdout
@@ -215,12 +220,21 @@ def test_bad_topology_builds_nothing(make_lab: Any) -> None:
 
 def test_not_root_is_refused(make_lab: Any) -> None:
     lab = make_lab(two_nodes())
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "up", str(lab.file)],
-                       capture_output=True, text=True, cwd="/")
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "up", str(lab.file)],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert r.returncode == 4, r.stderr
     assert "needs root" in r.stderr and "sudo" in r.stderr
     assert not lab.netns()
     # planning needs no root
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "plan", "-"],
-                       capture_output=True, text=True, cwd="/", input=lab.file.read_text())
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NETLAB, "plan", "-"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        input=lab.file.read_text(),
+    )
     assert r.returncode == 0 and "create node node1" in r.stdout
