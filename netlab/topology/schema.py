@@ -13,7 +13,9 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 __all__ = [
     "Cluster",
@@ -87,14 +89,36 @@ class ServePort(_Model):
             return {"port": int(port), "protocol": (proto or "TCP").upper()}
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # editors must accept the shorthands too: 8080, "8080/tcp", "53/udp"
+        full = handler.resolve_ref_schema(handler(core))
+        return {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": 65535},
+                {"type": "string", "pattern": "^[0-9]{1,5}(/(tcp|udp|TCP|UDP))?$"},
+                full,
+            ]
+        }
+
 
 class Cluster(_Model):
-    pod_cidr: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("10.244.0.0/16"), alias="podCIDR")
-    node_cidr_mask_size: Annotated[int, Field(ge=16, le=28)] = Field(default=24, alias="nodeCIDRMaskSize")
-    service_cidr: ipaddress.IPv4Network = Field(
-        default=ipaddress.IPv4Network("10.96.0.0/12"), alias="serviceCIDR"
+    pod_cidr: ipaddress.IPv4Network = Field(
+        default=ipaddress.IPv4Network("10.244.0.0/16"),
+        alias="podCIDR",
+        description="The cluster's pod network; each node gets one subnet of it.",
     )
-    node_cidr: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("172.18.0.0/24"), alias="nodeCIDR")
+    node_cidr_mask_size: Annotated[int, Field(ge=16, le=28)] = Field(
+        default=24, alias="nodeCIDRMaskSize", description="Prefix length of each node's pod subnet."
+    )
+    service_cidr: ipaddress.IPv4Network = Field(
+        default=ipaddress.IPv4Network("10.96.0.0/12"), alias="serviceCIDR", description="ClusterIP range."
+    )
+    node_cidr: ipaddress.IPv4Network = Field(
+        default=ipaddress.IPv4Network("172.18.0.0/24"),
+        alias="nodeCIDR",
+        description="The underlay network between nodes (node eth0 addresses).",
+    )
     overlay: Overlay = Overlay.VXLAN
     proxy_mode: ProxyMode = Field(default=ProxyMode.IPTABLES, alias="proxyMode")
     mtu: Annotated[int, Field(ge=1280, le=9000)] = 1500
