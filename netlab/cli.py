@@ -33,9 +33,7 @@ def _output_option(f: F) -> F:
 
 
 def _lab_option(f: F) -> F:
-    return click.option(
-        "--lab", "lab_name", metavar="LAB", help="Lab to act on (optional when one lab is up)."
-    )(f)
+    return click.option("--lab", "lab_name", metavar="LAB", help="Lab to act on (optional when one lab is up).")(f)
 
 
 class NetlabGroup(click.Group):
@@ -71,9 +69,7 @@ def _print_plan(p: Any) -> None:
         out.print(f"lab [bold]{p.lab.name}[/bold]: no change (the kernel already matches the topology)")
         return
     for step in p.steps:
-        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[
-            step.verb
-        ]
+        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[step.verb]
         out.print(f"{sign} {step.verb} {step.target}")
         for obj in step.objects():
             out.print(f"    {obj}")
@@ -86,8 +82,7 @@ def _plan_json(p: Any) -> dict[str, Any]:
         "lab": p.lab.name,
         "changed": not p.empty,
         "steps": [
-            {"verb": s.verb, "kind": type(s).__name__, "target": s.target, "objects": s.objects()}
-            for s in p.steps
+            {"verb": s.verb, "kind": type(s).__name__, "target": s.target, "objects": s.objects()} for s in p.steps
         ],
     }
 
@@ -151,9 +146,7 @@ def up(file: str, output: str) -> None:
         out.print(f"lab [bold]{res.lab}[/bold]: no change (the kernel already matches the topology)")
         return
     counts = ", ".join(f"{v} {k}" for k, v in res.plan.counts().items())
-    out.print(
-        f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s"
-    )
+    out.print(f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s")
     out.print(f"next: sudo netlab status --lab {res.lab}")
 
 
@@ -181,8 +174,7 @@ def down(lab_name: str | None, all_labs: bool, output: str) -> None:
         labs = observe.list_labs()
         if len(labs) != 1:
             raise click.UsageError(
-                "name the lab to remove, or --all"
-                + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)")
+                "name the lab to remove, or --all" + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)")
             )
         lab_name = labs[0]
     res = lab.down(lab_name, all_labs=all_labs)
@@ -286,6 +278,49 @@ def schema() -> None:
     from netlab.topology.schema import Topology
 
     out.print_json(json.dumps(Topology.model_json_schema(by_alias=True)))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (as root): how fast netlab builds and removes labs."""
+
+
+@bench.command("bringup")
+@click.option("--pods", default="100,1000", show_default=True, metavar="N[,N...]", help="Pod counts to run.")
+@click.option("--nodes", default=10, show_default=True, type=click.IntRange(2, 250), help="Nodes (VXLAN).")
+@click.option("--no-baseline", is_flag=True, help="Skip the mininet baseline.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write results (JSON) to FILE.")
+@_output_option
+def bench_bringup(pods: str, nodes: int, no_baseline: bool, out_file: str | None, output: str) -> None:
+    """Time `up` and `down` of N pods over NODES nodes, and mininet for the same N.
+
+    Each netlab lab is checked (all pods Running, object count, a cross-node ping) before
+    `down` is timed. mininet (`mn --topo single,N --switch lxbr --controller none --test none`)
+    runs in a throwaway namespace with its host-wide sysctl tuning disabled. See
+    docs/benchmarks.md.
+
+    \b
+    Example:
+      sudo netlab bench bringup --pods 100,1000 --nodes 10 --out bench.json
+    """
+    from netlab import bench as b
+
+    counts = b.parse_counts(pods)
+    data = b.bringup(
+        counts,
+        nodes,
+        baseline=not no_baseline,
+        log=lambda m: err.print(m, markup=False),
+        command=" ".join(["netlab bench bringup", *sys.argv[sys.argv.index("bringup") + 1 :]]),
+    )
+    if out_file:
+        with open(out_file, "w") as f:
+            json.dump(data, f, indent=2)
+    if output == "json":
+        out.print_json(json.dumps(data))
+    else:
+        b.print_table(data, out)
+    b.check(data)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,9 +54,7 @@ def _lock(lab: str) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LabError(
-                f"another netlab command is changing lab {lab!r} right now; wait for it to finish"
-            ) from None
+            raise LabError(f"another netlab command is changing lab {lab!r} right now; wait for it to finish") from None
         yield
 
 
@@ -73,9 +71,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def plan_file(
-    file: str | Path, *, observe_kernel: bool, topo: Topology | None = None
-) -> tuple[Topology, Plan]:
+def plan_file(file: str | Path, *, observe_kernel: bool, topo: Topology | None = None) -> tuple[Topology, Plan]:
     """Load and plan a topology. Without root (or observe_kernel=False) plan against nothing."""
     topo = topo or load(file)
     observed = None
@@ -207,9 +203,7 @@ def down(lab: str | None = None, *, all_labs: bool = False) -> DownResult:
     res = DownResult(labs)
     for name in labs:
         with _lock(name):
-            mine = sorted(
-                (ns for ns, m in marks.items() if m[0] == name), key=lambda ns: _role_order(marks[ns])
-            )
+            mine = sorted((ns for ns, m in marks.items() if m[0] == name), key=lambda ns: _role_order(marks[ns]))
             res.processes += build.stop_processes(mine)
             for ns in mine:
                 netns.delete(ns)
@@ -220,12 +214,7 @@ def down(lab: str | None = None, *, all_labs: bool = False) -> DownResult:
             if journal.exists():
                 for line in journal.read_text().splitlines():
                     kind, _, rest = line.partition(" ")
-                    if (
-                        kind == "netns"
-                        and netns.exists(rest)
-                        and netns.inode(rest) is None
-                        and rest not in marks
-                    ):
+                    if kind == "netns" and netns.exists(rest) and netns.inode(rest) is None and rest not in marks:
                         netns.delete(rest)
                         res.netns.append(rest)
             shutil.rmtree(build.STATE_DIR / name, ignore_errors=True)

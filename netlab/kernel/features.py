@@ -50,8 +50,7 @@ def _probe(need_vxlan: bool, out: list[str]) -> None:
                     else f"run `modprobe {kind}`"
                 )
                 out.append(
-                    f"{kind}: creating a {kind} link in a scratch namespace failed "
-                    f"({os.strerror(exc.code)}); {fix}"
+                    f"{kind}: creating a {kind} link in a scratch namespace failed ({os.strerror(exc.code)}); {fix}"
                 )
 
 

@@ -75,9 +75,7 @@ def _peers(ipr: IPRoute, vni: int) -> frozenset[Peer]:
     vx = byname.get(naming.vxlan_device(vni))
     eth0 = byname.get(naming.NODE_UPLINK)
     peers: set[Peer] = set()
-    routes = [
-        r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN) if r["proto"] != RTPROT_KERNEL
-    ]
+    routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN) if r["proto"] != RTPROT_KERNEL]
     if vx is not None:
         neigh = {
             IPv4Address(n.get("NDA_DST")): n.get("NDA_LLADDR")
@@ -96,23 +94,13 @@ def _peers(ipr: IPRoute, vni: int) -> frozenset[Peer]:
             gw = r.get("RTA_GATEWAY")
             mac = neigh.get(IPv4Address(gw)) if gw else None
             node_ip = fdb.get(mac) if mac else None
-            if (
-                gw
-                and IPv4Address(gw) == subnet.network_address
-                and mac
-                and node_ip
-                and r["flags"] & RTNH_F_ONLINK
-            ):
+            if gw and IPv4Address(gw) == subnet.network_address and mac and node_ip and r["flags"] & RTNH_F_ONLINK:
                 peers.add(Peer(subnet, node_ip, mac))
             else:  # a partial peer: report it so the planner deletes and re-adds it
                 peers.add(Peer(subnet, node_ip or IPv4Address(0), mac or "-"))
     for r in routes:
         if r.get("RTA_OIF") == eth0 and r.get("RTA_DST") is not None and r.get("RTA_GATEWAY"):
-            peers.add(
-                Peer(
-                    IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"), IPv4Address(r.get("RTA_GATEWAY")), None
-                )
-            )
+            peers.add(Peer(IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"), IPv4Address(r.get("RTA_GATEWAY")), None))
     return frozenset(peers)
 
 
@@ -125,9 +113,7 @@ def _addr(ipr: IPRoute, ifname: str) -> IPv4Interface | None:
     return None
 
 
-def observe_lab(
-    lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, str]] | None = None
-) -> ObservedLab:
+def observe_lab(lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, str]] | None = None) -> ObservedLab:
     """The lab as the kernel holds it, plus which netns names other labs own."""
     obs = ObservedLab(lab)
     marks = lab_netns() if marks is None else marks
@@ -260,9 +246,7 @@ def read_state(name: str) -> NetnsState:
             st.routes.add(f"{dst}{gw} dev {names.get(r.get('RTA_OIF'))}{onlink}")
         for n in ipr.get_neighbours(family=socket.AF_INET):
             if n["state"] & NUD_PERMANENT:
-                st.neigh.add(
-                    f"{n.get('NDA_DST')} lladdr {n.get('NDA_LLADDR')} dev {names.get(n['ifindex'])} permanent"
-                )
+                st.neigh.add(f"{n.get('NDA_DST')} lladdr {n.get('NDA_LLADDR')} dev {names.get(n['ifindex'])} permanent")
         for n in ipr.get_neighbours(family=AF_BRIDGE):
             if n.get("NDA_DST"):
                 st.fdb.add(f"{n.get('NDA_LLADDR')} dev {names.get(n['ifindex'])} dst {n.get('NDA_DST')}")

@@ -108,8 +108,7 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
             and prev_pod.node == p.node
             and prev_pod.ip is not None
             and prev_pod.ip in node.pod_cidr
-            and prev_pod.ip
-            not in (node.pod_cidr.network_address, node.gateway.ip, node.pod_cidr.broadcast_address)
+            and prev_pod.ip not in (node.pod_cidr.network_address, node.gateway.ip, node.pod_cidr.broadcast_address)
             and prev_pod.ip not in used[p.node]
         ):
             pod_ips[key] = prev_pod.ip
@@ -130,8 +129,7 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
         clash = veths.get((p.node, veth))
         if clash:
             raise PlanError(
-                f"pods {clash} and {key} hash to the same host veth name {veth} on node {p.node}; "
-                "rename one of them"
+                f"pods {clash} and {key} hash to the same host veth name {veth} on node {p.node}; rename one of them"
             )
         veths[(p.node, veth)] = key
         pods.append(

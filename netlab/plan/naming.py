@@ -53,7 +53,7 @@ def netns_pod(lab: str, namespace: str, pod: str) -> str:
 
 
 def vxlan_device(vni: int) -> str:
-    # flannel names its device flannel.<VNI>; VNI <= 16777215 keeps it within IFNAMSIZ.
+    # flannel names its device flannel.<VNI>; the schema caps VNI at 9999999 so this fits IFNAMSIZ.
     return f"flannel.{vni}"
 
 

@@ -53,8 +53,7 @@ class CreateNode:
         n = self.node
         out = [
             f"netns {n.netns} (ip_forward=1, bridge-nf-call-iptables=1, IPv6 off)",
-            f"veth {naming.NODE_UPLINK} {n.ip} <-> {self.underlay_netns}/{n.underlay_port} on "
-            f"{naming.UNDERLAY_BRIDGE}",
+            f"veth {naming.NODE_UPLINK} {n.ip} <-> {self.underlay_netns}/{n.underlay_port} on {naming.UNDERLAY_BRIDGE}",
             f"bridge {naming.CNI_BRIDGE} {n.gateway} mtu {n.pod_mtu}",
         ]
         if n.overlay == Overlay.VXLAN:

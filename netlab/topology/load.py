@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from netlab.errors import TopologyError
+from netlab.plan import naming
 from netlab.topology.schema import Topology
 
 __all__ = ["load", "load_text"]
@@ -28,7 +29,9 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping; keep only one", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -95,6 +98,34 @@ def _model_at(loc: Sequence[int | str]) -> Any:
     return model
 
 
+def _kind(value: Any) -> str:
+    kinds = {list: "list", dict: "mapping", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _yaml(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, not True)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
+_EXAMPLES = {"nodes": "- name: node1", "pods": "- {name: web, node: node1}"}
+
+
+def _bounds(loc: Sequence[int | str]) -> tuple[Any, Any]:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return None, None
+    names = {f.alias or n: f for n, f in model.model_fields.items()}
+    field = names.get(str(loc[-1]))
+    ge = le = None
+    for meta in getattr(field, "metadata", []):
+        ge = getattr(meta, "ge", ge)
+        le = getattr(meta, "le", le)
+    return ge, le
+
+
 def _message(err: Any, data: Any) -> tuple[str, str]:
     loc = [_ALIASES.get(p, p) if isinstance(p, str) else p for p in err["loc"]]
     # pydantic puts the name of a "before" validator's target into loc; drop those artefacts.
@@ -116,6 +147,23 @@ def _message(err: Any, data: Any) -> tuple[str, str]:
         return path, f"{value!r} is not allowed; use one of {expected}"
     if kind == "too_short" and loc and loc[-1] == "nodes":
         return path, "a lab needs at least one node; add one under nodes:"
+    if kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+        ge, le = _bounds(loc)
+        what = "not a port number" if loc[-1] == "port" else "out of range"
+        if ge is not None and le is not None:
+            return path, f"{_yaml(value)} is {what}; use {ge} to {le}"
+        return path, f"{_yaml(value)} is {what}; {err['msg'].lower()}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        parent = next((p for p in reversed(loc) if isinstance(p, str)), "")
+        example = _EXAMPLES.get(str(parent)) if loc and isinstance(loc[-1], int) else None
+        fix = f"write e.g. {example}" if example else "write it as `key: value` pairs"
+        return path, f"{_yaml(value)} is a {_kind(value)} but a mapping is expected here; {fix}"
+    if kind == "list_type":
+        return path, f"{_yaml(value)} is a {_kind(value)} but a list is expected here; write one `- item` per line"
+    if kind == "string_type":
+        return path, f"{_yaml(value)} is a {_kind(value)} but a string is expected here; quote it"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return path, f"{_yaml(value)} is not a whole number; write a number here"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -132,11 +180,19 @@ def load_text(text: str, file: str = "<topology>") -> Topology:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = exc.problem or exc.context or "invalid YAML"
+        if "appears twice" in problem:
+            raise TopologyError(file, "", f"{where}: {problem}") from None
         raise TopologyError(file, "", f"{where}: {problem}; fix the YAML syntax there") from None
     except yaml.YAMLError as exc:
         raise TopologyError(file, "", f"not valid YAML ({exc}); fix the syntax") from None
+    if data is None:
+        raise TopologyError(file, "", "the file is empty; a topology needs at least `name:` and `nodes:`")
     if not isinstance(data, dict):
-        raise TopologyError(file, "", "the file must be a YAML mapping with at least `name:` and `nodes:`")
+        raise TopologyError(
+            file,
+            "",
+            f"the file holds a YAML {_kind(data)}, not a mapping; start it with `name:` and `nodes:` at the top level",
+        )
     try:
         topo = Topology.model_validate(data)
     except ValidationError as exc:
@@ -183,8 +239,9 @@ def check(topo: Topology, file: str) -> None:
         raise TopologyError(
             file,
             "cluster.nodeCIDRMaskSize",
-            f"/{c.node_cidr_mask_size} per node does not fit inside podCIDR {c.pod_cidr}; "
-            f"use a mask size larger than {c.pod_cidr.prefixlen}",
+            f"{c.node_cidr_mask_size} is not larger than podCIDR {c.pod_cidr}'s prefix "
+            f"/{c.pod_cidr.prefixlen}, so nodes cannot each get a subnet of it; use "
+            f"{c.pod_cidr.prefixlen + 1} or more, or a larger podCIDR",
         )
     node_subnets = 2 ** (c.node_cidr_mask_size - c.pod_cidr.prefixlen)
     if len(topo.nodes) > node_subnets:
@@ -194,7 +251,8 @@ def check(topo: Topology, file: str) -> None:
             f"{c.pod_cidr} holds {node_subnets} node subnets of /{c.node_cidr_mask_size} but there "
             f"are {len(topo.nodes)} nodes; use a larger podCIDR or a larger nodeCIDRMaskSize",
         )
-    node_ips = c.node_cidr.num_addresses - 3  # network, broadcast, and one kept for `external`
+    # network, broadcast, .1 (kept for a gateway) and the last host (kept for `external`)
+    node_ips = c.node_cidr.num_addresses - 4
     if len(topo.nodes) > node_ips:
         raise TopologyError(
             file,
@@ -240,8 +298,7 @@ def check(topo: Topology, file: str) -> None:
             raise TopologyError(
                 file,
                 f"pods[{i}].name",
-                f"{pod.namespace}/{pod.name} is already pods[{pods[key]}]; pod names must be unique "
-                "within a namespace",
+                f"{pod.namespace}/{pod.name} is already pods[{pods[key]}]; pod names must be unique within a namespace",
             )
         pods[key] = i
         if pod.node not in names:
@@ -269,3 +326,19 @@ def check(topo: Topology, file: str) -> None:
                     f"{sp.port}/{sp.protocol} is listed twice; list each port once",
                 )
             seen_ports.add((sp.port, sp.protocol))
+
+    # Every node and pod becomes a netns named nl-<lab>-<node> / nl-<lab>-<namespace>-<pod>,
+    # beside nl-<lab>-underlay: two of them must not end up with the same name.
+    owners: dict[str, str] = {naming.netns_underlay(topo.name): "the underlay"}
+    for where, ns in [
+        *((f"nodes[{i}].name", naming.netns_node(topo.name, n.name)) for i, n in enumerate(topo.nodes)),
+        *((f"pods[{i}].name", naming.netns_pod(topo.name, p.namespace, p.name)) for i, p in enumerate(topo.pods)),
+    ]:
+        if ns in owners:
+            raise TopologyError(
+                file,
+                where,
+                f"gives the network namespace name {ns}, which {owners[ns]} already has "
+                "(names join as nl-<lab>-<node> and nl-<lab>-<namespace>-<pod>); rename one of them",
+            )
+        owners[ns] = where

@@ -33,6 +33,8 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Linux interface names hold IFNAMSIZ-1 = 15 bytes. A node's name is its port on the
 # underlay bridge (as a switch port is labelled with the host plugged into it).
 IFNAMSIZ = 15
+# links that already exist in the underlay namespace, where each node gets a port named after it
+UNDERLAY_LINKS = ("lo", "br0")
 
 
 class Overlay(StrEnum):
@@ -54,12 +56,34 @@ class Protocol(StrEnum):
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, data: Any) -> Any:
+        # `pods:` or `labels:` with nothing after it is YAML null: read it as "none".
+        if isinstance(data, dict):
+            optional = {f.alias or name for name, f in cls.model_fields.items() if not f.is_required()}
+            return {k: v for k, v in data.items() if not (v is None and k in optional)}
+        return data
+
+
+def _cidr(value: Any, example: str) -> Any:
+    """Strict IPv4 CIDR: '10.244.0.1/16' (host bits set) is refused with its network as the fix."""
+    if not isinstance(value, str):
+        return value
+    try:
+        ipaddress.IPv4Network(value, strict=True)
+    except ValueError:
+        try:
+            net = ipaddress.IPv4Network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 network in CIDR form; write e.g. {example}") from None
+        raise ValueError(f"{value!r} has host bits set; write its network {net}") from None
+    return value
+
 
 def _dns_label(value: str, what: str, limit: int = 63) -> str:
     if len(value) > limit:
-        raise ValueError(
-            f"{what} {value!r} is {len(value)} characters, the limit is {limit}; use a shorter name"
-        )
+        raise ValueError(f"{what} {value!r} is {len(value)} characters, the limit is {limit}; use a shorter name")
     if not DNS1123_LABEL.match(value):
         raise ValueError(
             f"{what} {value!r} is not a DNS-1123 label; use lower-case letters, digits and "
@@ -79,13 +103,15 @@ class ServePort(_Model):
     def _shorthand(cls, data: Any) -> Any:
         # `8080`, `"8080"`, `"53/udp"` are accepted as shorthands.
         if isinstance(data, bool):
-            raise ValueError("a port must be a number like 8080 or a string like '53/udp'")
+            raise ValueError(f"{str(data).lower()} is not a port; write 8080, '8080/tcp' or '53/udp'")
         if isinstance(data, int):
             return {"port": data}
         if isinstance(data, str):
             port, _, proto = data.partition("/")
             if not port.isdigit():
                 raise ValueError(f"{data!r} is not a port; write 8080, '8080/tcp' or '53/udp'")
+            if proto and proto.upper() not in Protocol.__members__:
+                raise ValueError(f"{data!r} has protocol {proto!r}, which netlab does not serve; use tcp or udp")
             return {"port": int(port), "protocol": (proto or "TCP").upper()}
         return data
 
@@ -122,20 +148,25 @@ class Cluster(_Model):
     overlay: Overlay = Overlay.VXLAN
     proxy_mode: ProxyMode = Field(default=ProxyMode.IPTABLES, alias="proxyMode")
     mtu: Annotated[int, Field(ge=1280, le=9000)] = 1500
-    vni: Annotated[int, Field(ge=1, le=16777215)] = 1
+    # VXLAN allows 24-bit VNIs, but the device is named flannel.<VNI> and interface names hold
+    # 15 characters: "flannel." leaves room for 7 digits.
+    vni: Annotated[int, Field(ge=1, le=9_999_999)] = 1
     vxlan_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8472, alias="vxlanPort")
 
-    @field_validator("pod_cidr", "service_cidr", "node_cidr", mode="before")
+    @field_validator("pod_cidr", mode="before")
     @classmethod
-    def _strict_cidr(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                ipaddress.IPv4Network(value, strict=True)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{value!r} is not an IPv4 network in CIDR form ({exc}); write e.g. 10.244.0.0/16"
-                ) from None
-        return value
+    def _pod_cidr(cls, value: Any) -> Any:
+        return _cidr(value, "10.244.0.0/16")
+
+    @field_validator("service_cidr", mode="before")
+    @classmethod
+    def _service_cidr(cls, value: Any) -> Any:
+        return _cidr(value, "10.96.0.0/12")
+
+    @field_validator("node_cidr", mode="before")
+    @classmethod
+    def _node_cidr(cls, value: Any) -> Any:
+        return _cidr(value, "172.18.0.0/24")
 
 
 class NodeSpec(_Model):
@@ -143,9 +174,19 @@ class NodeSpec(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     pod_cidr: ipaddress.IPv4Network | None = Field(default=None, alias="podCIDR")
 
+    @field_validator("pod_cidr", mode="before")
+    @classmethod
+    def _pod_cidr(cls, value: Any) -> Any:
+        return _cidr(value, "10.244.1.0/24")
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
+        if value in UNDERLAY_LINKS:
+            raise ValueError(
+                f"node name {value!r} is taken: the node's port on the underlay would clash with the "
+                f"underlay's own {value}; use another name"
+            )
         if len(value) > IFNAMSIZ:
             raise ValueError(
                 f"node name {value!r} is {len(value)} characters but becomes the node's port on the "

@@ -87,9 +87,7 @@ def test_pod_to_pod(make_lab: Any, tmp_path: Path, overlay: str) -> None:
     nodes = {n["name"]: n["ip"].split("/")[0] for n in lab.status()["nodes"]}
     vx = [f for f in frames if f.haslayer(VXLAN)]
     plain = [f for f in frames if f.haslayer(IP) and not f.haslayer(VXLAN)]
-    same_node = [
-        f for f in frames if f.haslayer(IP) and a2 in (f[IP].src, f[IP].dst) and not f.haslayer(VXLAN)
-    ]
+    same_node = [f for f in frames if f.haslayer(IP) and a2 in (f[IP].src, f[IP].dst) and not f.haslayer(VXLAN)]
     assert not same_node, "same-node traffic must never reach the underlay"
     if overlay == "vxlan":
         outer = {(f[IP].src, f[IP].dst, f[UDP].dport, f[VXLAN].vni) for f in vx}
@@ -97,9 +95,7 @@ def test_pod_to_pod(make_lab: Any, tmp_path: Path, overlay: str) -> None:
         assert (nodes["node2"], nodes["node1"], 8472, 1) in outer
         inner = [f[VXLAN].payload for f in vx]
         assert any(p.haslayer(ICMP) and p[IP].src == a1 and p[IP].dst == b1 for p in inner)
-        assert any(
-            p.haslayer(TCP) and p[IP].src == a1 and p[IP].dst == b1 and p[TCP].dport == 8080 for p in inner
-        )
+        assert any(p.haslayer(TCP) and p[IP].src == a1 and p[IP].dst == b1 and p[TCP].dport == 8080 for p in inner)
         assert not [f for f in plain if f[IP].src == a1], "VXLAN lab leaked an unencapsulated pod packet"
     else:
         assert not vx, "host-gw must not encapsulate"

@@ -196,9 +196,7 @@ def test_netns_name_owned_by_another_lab(make_lab: Any) -> None:
 def test_exec_passes_stdin_stdout_and_exit_code(make_lab: Any) -> None:
     lab = make_lab(two_nodes())
     lab.up()
-    r = lab.exec(
-        "a1", "sh", "-c", "cat; ip -o -4 addr show eth0 | wc -l; exit 7", check=False, input="hello\n"
-    )
+    r = lab.exec("a1", "sh", "-c", "cat; ip -o -4 addr show eth0 | wc -l; exit 7", check=False, input="hello\n")
     assert r.returncode == 7
     assert r.stdout.splitlines() == ["hello", "1"]
     assert "cni0" in lab.exec("node1", "ip", "-o", "link", "show").stdout

@@ -33,9 +33,7 @@ def topo(nodes: list[Any], pods: list[Any] = (), name: str = "lab1", **cluster: 
             pod_specs.append({"name": p[0], "node": p[1]})
         else:
             pod_specs.append({"namespace": p[0], "name": p[1], "node": p[2]})
-    return Topology.model_validate(
-        {"name": name, "cluster": cluster, "nodes": node_specs, "pods": pod_specs}
-    )
+    return Topology.model_validate({"name": name, "cluster": cluster, "nodes": node_specs, "pods": pod_specs})
 
 
 def observe(plan: LabPlan) -> ObservedLab:
@@ -44,13 +42,9 @@ def observe(plan: LabPlan) -> ObservedLab:
         name=plan.name,
         underlay=plan.underlay_netns,
         nodes={
-            n.name: ObservedNode(n.name, n.netns, n.fingerprint, ip=n.ip.ip, pod_cidr=n.pod_cidr)
-            for n in plan.nodes
+            n.name: ObservedNode(n.name, n.netns, n.fingerprint, ip=n.ip.ip, pod_cidr=n.pod_cidr) for n in plan.nodes
         },
-        pods={
-            p.key: ObservedPod(p.key, p.netns, p.fingerprint, node=p.node, ip=p.ip.ip)
-            for p in plan.pods
-        },
+        pods={p.key: ObservedPod(p.key, p.netns, p.fingerprint, node=p.node, ip=p.ip.ip) for p in plan.pods},
     )
 
 
@@ -229,10 +223,16 @@ def test_observed_addresses_outside_the_ranges_are_not_reused() -> None:
     """A stale observation (e.g. the cluster ranges changed) falls back to fresh allocation."""
     obs = ObservedLab(
         name="lab1",
-        nodes={"node1": ObservedNode("node1", "nl-lab1-node1", "x", ip=IPv4Address("10.0.0.9"),
-                                     pod_cidr=IPv4Network("10.99.0.0/24"))},
-        pods={"default/a1": ObservedPod("default/a1", "nl-lab1-default-a1", "x", node="node1",
-                                        ip=IPv4Address("10.244.0.1"))},  # the gateway
+        nodes={
+            "node1": ObservedNode(
+                "node1", "nl-lab1-node1", "x", ip=IPv4Address("10.0.0.9"), pod_cidr=IPv4Network("10.99.0.0/24")
+            )
+        },
+        pods={
+            "default/a1": ObservedPod(
+                "default/a1", "nl-lab1-default-a1", "x", node="node1", ip=IPv4Address("10.244.0.1")
+            )
+        },  # the gateway
     )
     plan = resolve(topo(["node1"], [("a1", "node1")]), observed=obs)
     assert node_subnets(plan) == {"node1": "10.244.0.0/24"}
@@ -319,14 +319,14 @@ def test_node_links_named_as_documented() -> None:
     assert len(naming.vxlan_device(9_999_999)) <= naming.IFNAMSIZ
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the schema allows vni up to 16777215, but flannel.<VNI> is then up to "
-    "16 characters (flannel.16777215), over IFNAMSIZ 15; naming.vxlan_device's comment claims it fits",
-)
-def test_vxlan_device_name_fits_ifnamsiz_for_every_valid_vni() -> None:
-    plan = resolve(topo(["node1"], vni=16_777_215))
-    assert len(naming.vxlan_device(plan.nodes[0].vni)) <= naming.IFNAMSIZ
+def test_vni_that_would_overflow_ifnamsiz_is_refused() -> None:
+    """flannel.<VNI> must fit IFNAMSIZ (15): VNIs of 8 digits are refused at load time."""
+    from netlab.errors import TopologyError
+    from netlab.topology import load_text
+
+    assert len(naming.vxlan_device(9_999_999)) == naming.IFNAMSIZ
+    with pytest.raises(TopologyError, match=r"cluster\.vni: 10000000 is out of range; use 1 to 9999999"):
+        load_text("name: lab1\ncluster: {vni: 10000000}\nnodes: [{name: node1}]\n", "x.yaml")
 
 
 def test_marks_round_trip() -> None:

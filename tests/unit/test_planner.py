@@ -29,7 +29,9 @@ from netlab.topology import Topology
 
 
 def topo(
-    nodes: list[str], pods: list[tuple[str, str] | dict[str, Any]] = (), **cluster: Any  # type: ignore[assignment]
+    nodes: list[str],
+    pods: list[tuple[str, str] | dict[str, Any]] = (),
+    **cluster: Any,  # type: ignore[assignment]
 ) -> Topology:
     """pods: (name, node) tuples (no serve) or full dicts."""
     pod_specs = [p if isinstance(p, dict) else {"name": p[0], "node": p[1]} for p in pods]
@@ -53,7 +55,11 @@ def observe(lab: LabPlan) -> ObservedLab:
     }
     pods = {
         p.key: ObservedPod(
-            p.key, p.netns, p.fingerprint, node=p.node, ip=p.ip.ip,
+            p.key,
+            p.netns,
+            p.fingerprint,
+            node=p.node,
+            ip=p.ip.ip,
             responders=tuple(s.port for s in p.serve),
         )
         for p in lab.pods
@@ -102,7 +108,11 @@ def test_plan_from_empty_builds_everything_in_order() -> None:
         "CreateUnderlay",
         *["CreateNode"] * 3,
         *["AddPeer"] * 6,
-        "CreatePod", "CreatePod", "CreatePod", "StartResponder", "CreatePod",
+        "CreatePod",
+        "CreatePod",
+        "CreatePod",
+        "StartResponder",
+        "CreatePod",
     ]
     assert p.steps[0] == CreateUnderlay("lab1", "nl-lab1-underlay")
     assert [s.node.name for s in p.steps if isinstance(s, CreateNode)] == ["node1", "node2", "node3"]
@@ -161,8 +171,10 @@ def test_removing_a_pod_deletes_only_its_netns() -> None:
 
 def test_adding_a_pod_creates_only_that_pod() -> None:
     obs = observe(resolve(BASE))
-    t = topo(["node1", "node2", "node3"], [("a1", "node1"), ("a2", "node1"), WEB, ("c1", "node3"),
-                                           {"name": "new", "node": "node3", "serve": [80]}])
+    t = topo(
+        ["node1", "node2", "node3"],
+        [("a1", "node1"), ("a2", "node1"), WEB, ("c1", "node3"), {"name": "new", "node": "node3", "serve": [80]}],
+    )
     p = replan(t, obs)
     assert targets(p) == ["CreatePod pod default/new", "StartResponder pod default/new"]
     assert str(p.steps[0].pod.ip) == "10.244.2.3/24"  # type: ignore[union-attr]
@@ -200,8 +212,7 @@ def test_pod_whose_responder_died_gets_only_start_responder() -> None:
 
 def test_changing_a_pods_ports_replaces_it() -> None:
     obs = observe(resolve(BASE))
-    t = topo(["node1", "node2", "node3"],
-             [("a1", "node1"), ("a2", "node1"), {**WEB, "serve": [8080]}, ("c1", "node3")])
+    t = topo(["node1", "node2", "node3"], [("a1", "node1"), ("a2", "node1"), {**WEB, "serve": [8080]}, ("c1", "node3")])
     assert targets(replan(t, obs)) == [
         "DeleteNetns pod default/web",
         "CreatePod pod default/web",
@@ -312,8 +323,7 @@ def test_missing_underlay_is_created_alone() -> None:
 
 def test_changing_overlay_replaces_all_nodes_and_pods() -> None:
     old = resolve(BASE)
-    t = topo(["node1", "node2", "node3"], [("a1", "node1"), ("a2", "node1"), WEB, ("c1", "node3")],
-             overlay="host-gw")
+    t = topo(["node1", "node2", "node3"], [("a1", "node1"), ("a2", "node1"), WEB, ("c1", "node3")], overlay="host-gw")
     p = replan(t, observe(old))
     assert p.counts() == {
         "DeleteNetns": 4 + 3,
@@ -324,8 +334,13 @@ def test_changing_overlay_replaces_all_nodes_and_pods() -> None:
     }
     deleted = [s.target for s in p.steps if isinstance(s, DeleteNetns)]
     assert deleted == [
-        "pod default/a1", "pod default/a2", "pod default/c1", "pod default/web",
-        "node node1", "node node2", "node node3",
+        "pod default/a1",
+        "pod default/a2",
+        "pod default/c1",
+        "pod default/web",
+        "node node1",
+        "node node2",
+        "node node3",
     ]
     assert all(s.peer.vtep_mac is None for s in p.steps if isinstance(s, AddPeer))
     assert not any(isinstance(s, (DeletePeer, CreateUnderlay)) for s in p.steps)
