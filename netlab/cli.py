@@ -147,7 +147,7 @@ def up(file: str, output: str) -> None:
         return
     counts = ", ".join(f"{v} {k}" for k, v in res.plan.counts().items())
     out.print(f"lab [bold]{res.lab}[/bold] is up: {len(res.plan.steps)} steps ({counts}) in {res.seconds:.2f} s")
-    out.print(f"next: sudo netlab status --lab {res.lab}")
+    out.print(f"next: sudo netlab status {res.lab}")
 
 
 @main.command()

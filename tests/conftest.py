@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 NETLAB = [sys.executable, "-c", "from netlab.cli import main; main()"]
 IS_ROOT = os.geteuid() == 0
+TEST_LAB = re.compile(r"^t[0-9a-f]{6,8}(-|$)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -87,7 +89,8 @@ def sealed_host(request: pytest.FixtureRequest) -> Iterator[None]:
     ns_before = set(netlab_netns())
     procs_before = responder_pids()
     yield
-    leftovers = {ns: lab for ns, lab in netlab_netns().items() if ns not in ns_before}
+    # only the tests' own labs (t<hex>...): a lab someone else brings up meanwhile is not a leak
+    leftovers = {ns: lab for ns, lab in netlab_netns().items() if ns not in ns_before and TEST_LAB.match(lab)}
     procs = responder_pids() - procs_before
     after = host_snapshot()
     changed = [k for k in before if before[k] != after[k]]
