@@ -108,27 +108,42 @@ def apply(p: Plan, progress: Progress | None = None) -> None:
     undo: build.Undo = []
     steps = list(p.steps)
     total = len(steps)
+    done = 0
+
+    def finished(batch: list[Step]) -> None:
+        nonlocal done
+        for s in batch:
+            done += 1
+            if progress:
+                progress(done, total, s)
+            _fault(done)
+
     try:
         i = 0
         while i < total:
             step = steps[i]
+            j = i + 1
+            if isinstance(step, StartResponder | CreatePod):
+                # consecutive steps of these kinds run as one batch: Python start-up dominates
+                # responders; netlink round trips dominate pods (see kernel/rtnl.py)
+                while j < total and type(steps[j]) is type(step):
+                    j += 1
+            batch = steps[i:j]
             if isinstance(step, StartResponder):
-                # start every consecutive responder at once: Python start-up dominates
-                batch = [step]
-                while i + len(batch) < total and isinstance(steps[i + len(batch)], StartResponder):
-                    batch.append(steps[i + len(batch)])  # type: ignore[arg-type]
-                build.start_responders(lab.name, [s.pod for s in batch], undo)
+                build.start_responders(lab.name, [s.pod for s in batch if isinstance(s, StartResponder)], undo)
+                finished(batch)
+            elif isinstance(step, CreatePod):
+                by_node: dict[str, list[CreatePod]] = {}
                 for s in batch:
-                    i += 1
-                    if progress:
-                        progress(i, total, s)
-                    _fault(i)
-                continue
-            _run(lab, step, undo)
-            i += 1
-            if progress:
-                progress(i, total, step)
-            _fault(i)
+                    if isinstance(s, CreatePod):
+                        by_node.setdefault(s.node.name, []).append(s)
+                for group in by_node.values():
+                    build.create_pods(lab.name, group[0].node, [s.pod for s in group], undo)
+                    finished(list(group))
+            else:
+                _run(lab, step, undo)
+                finished([step])
+            i = j
     except BaseException:
         for fn in reversed(undo):
             try:
@@ -149,8 +164,6 @@ def _run(lab: LabPlan, step: Step, undo: build.Undo) -> None:
         build.create_node(lab.name, step.underlay_netns, step.node, undo)
     elif isinstance(step, AddPeer):
         build.add_peer(step.node, step.peer, undo)
-    elif isinstance(step, CreatePod):
-        build.create_pod(lab.name, step.pod, step.node, undo)
     else:  # pragma: no cover - exhaustive
         raise TypeError(step)
 

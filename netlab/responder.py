@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, proto)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # started while `netlab up` held SIGINT/SIGTERM blocked; the mask is inherited
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:

@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netlab.errors import FeatureError, KernelError
-from netlab.kernel import netns
+from netlab.kernel import netns, rtnl
 from netlab.kernel.observe import processes_by_netns
 from netlab.plan import naming
 from netlab.plan.model import NodePlan, Peer, PodPlan
@@ -35,7 +35,7 @@ __all__ = [
     "Undo",
     "add_peer",
     "create_node",
-    "create_pod",
+    "create_pods",
     "create_underlay",
     "delete_netns",
     "delete_peer",
@@ -82,20 +82,22 @@ def _lookup(ipr: IPRoute, ifname: str) -> int:
 def _new_netns(lab: str, name: str, mark: str, sysctls: dict[str, int], undo: Undo) -> None:
     journal(lab, f"netns {name}")
     try:
-        with netns.create(name):
-            for key, value in sysctls.items():
-                if not netns.write_sysctl(key, value) and key.startswith("net.bridge"):
-                    raise FeatureError(
-                        f"the kernel has no {key} (br_netfilter is not loaded); run `modprobe "
-                        "br_netfilter` on the host, or use a kernel that has it"
-                    )
-            with IPRoute() as ipr:
-                ipr.link("set", index=1, state="up", ifalias=mark)
+        # the namespace gets its name when create() exits: no Ctrl-C between that and the undo
+        with netns.signals_deferred():
+            with netns.create(name):
+                for key, value in sysctls.items():
+                    if not netns.write_sysctl(key, value) and key.startswith("net.bridge"):
+                        raise FeatureError(
+                            f"the kernel has no {key} (br_netfilter is not loaded); run `modprobe "
+                            "br_netfilter` on the host, or use a kernel that has it"
+                        )
+                with IPRoute() as ipr:
+                    ipr.link("set", index=1, state="up", ifalias=mark)
+            undo.append(functools.partial(delete_netns, [name]))
     except FileExistsError as exc:
         raise KernelError("create netns", name, errno.EEXIST, "left over? run `netlab down`") from exc
     except NetlinkError as exc:
         raise KernelError("configure netns", name, exc.code) from exc
-    undo.append(lambda: delete_netns([name]))
 
 
 def _finish_mark(ns: str, mark: str) -> None:
@@ -217,34 +219,75 @@ def delete_peer(ns: str, vni: int, peer: Peer) -> None:
         _peer_requests(ipr, vni, peer, "del")
 
 
-def create_pod(lab: str, p: PodPlan, node: NodePlan, undo: Undo) -> None:
+POD_ETH0_INDEX = 2  # a new netns holds only lo (1): the pod's eth0 is created as ifindex 2
+
+
+def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> None:
+    """Build the pods of one node together, in four batched phases.
+
+    1. one unnamed netns per pod (IPv6 off), with a netlink socket opened inside it;
+    2. in the node: every veth pair at once, the pod end created straight into its netns as
+       `eth0` (ifindex 2), the host end `veth<8 hex>` up on cni0, then alias + hairpin;
+    3. in each pod: lo up with the final ownership mark, eth0 up, address, default route;
+    4. publish each netns under its name (journal first).
+    Until step 4 the namespaces are held only by open fds: if anything fails, or the process
+    dies, the kernel frees them, and deleting a pod's eth0 deletes its host veth too. A pod's
+    namespace therefore only ever appears complete, already carrying its fingerprint.
+    """
     alias = naming.link_alias(lab)
-    ident = f"{p.key}@{p.node}"
-    _new_netns(lab, p.netns, naming.netns_mark(lab, "pod", ident, "-"), _NO_IPV6, undo)
-    # bridge CNI: host end `veth<8 hex>` on cni0 with hairpin on, container end `eth0`.
-    with _netlink(node.netns, f"create veth {p.host_veth} <-> {p.netns}/eth0") as ipr:
-        br = _lookup(ipr, naming.CNI_BRIDGE)
-        ipr.link(
-            "add",
-            ifname=p.host_veth,
-            kind="veth",
-            address=p.host_mac,
-            mtu=p.mtu,
-            master=br,
-            state="up",
-            peer={"ifname": naming.POD_IFNAME, "net_ns_fd": p.netns, "address": p.mac, "mtu": p.mtu},
-        )
-        idx = _lookup(ipr, p.host_veth)
-        ipr.link("set", index=idx, ifalias=alias)
-        # hairpin: a pod reaching itself through a Service gets its packet back out the port
-        # it came in on, which a bridge only does with hairpin_mode=1 (bridge CNI hairpinMode).
-        ipr.brport("set", index=idx, mode=1)
-    with _netlink(p.netns, f"configure pod {p.key}") as ipr:
-        eth0 = _lookup(ipr, naming.POD_IFNAME)
-        ipr.link("set", index=eth0, state="up", ifalias=alias)
-        ipr.addr("add", index=eth0, address=str(p.ip.ip), prefixlen=p.ip.network.prefixlen)
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(p.gateway), oif=eth0)
-    _finish_mark(p.netns, naming.netns_mark(lab, "pod", ident, p.fingerprint))
+    staged: list[tuple[PodPlan, int, rtnl.Batch]] = []
+    try:
+        for p in pods:
+            with netns.anonymous() as fd:
+                for key, value in _NO_IPV6.items():
+                    netns.write_sysctl(key, value)
+                staged.append((p, fd, rtnl.Batch(p.netns)))
+        with netns.inside(node.netns):
+            host = rtnl.Batch(node.netns)
+        with host:
+            cni = host.get_link(name=naming.CNI_BRIDGE)
+            if cni is None:
+                raise KernelError(
+                    "find cni0", node.netns, errno.ENODEV, "the node is incomplete; run `netlab up` again"
+                )
+            for p, fd, _ in staged:
+                # bridge CNI: host end `veth<8 hex>` on cni0, container end `eth0`
+                host.veth_add(
+                    p.host_veth,
+                    mac=p.host_mac,
+                    mtu=p.mtu,
+                    master=cni["index"],
+                    peer_name=naming.POD_IFNAME,
+                    peer_index=POD_ETH0_INDEX,
+                    peer_mac=p.mac,
+                    peer_netns_fd=fd,
+                )
+                # hairpin: a pod reaching itself through a Service gets its packet back out the
+                # port it came in on, which a bridge only does with hairpin_mode=1.
+                host.bridge_port_set(p.host_veth, alias=alias, hairpin=True)
+            host.commit()
+        for p, _, nl in staged:
+            mark = naming.netns_mark(lab, "pod", f"{p.key}@{p.node}", p.fingerprint)
+            nl.link_set(1, up=True, alias=mark)
+            nl.link_set(POD_ETH0_INDEX, up=True, alias=alias)
+            nl.addr_add(POD_ETH0_INDEX, p.ip.ip, p.ip.network.prefixlen)
+            nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=POD_ETH0_INDEX)
+            nl.commit()
+        d = STATE_DIR / lab
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "journal", "a") as f:
+            f.writelines(f"netns {p.netns}\n" for p, _, _ in staged)
+        for p, fd, _ in staged:
+            with netns.signals_deferred():
+                try:
+                    netns.publish(fd, p.netns)
+                except FileExistsError as exc:
+                    raise KernelError("name netns", p.netns, errno.EEXIST, "left over? run `netlab down`") from exc
+                undo.append(functools.partial(delete_netns, [p.netns]))
+    finally:
+        for _, fd, nl in staged:
+            nl.close()
+            os.close(fd)
 
 
 # --- processes in the lab ------------------------------------------------------------------
@@ -259,7 +302,7 @@ def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float =
         cmd = [sys.executable, "-m", "netlab.responder", "--netns", p.netns, "--name", p.name]
         for s in p.serve:
             cmd += ["--listen", f"{s.port}/{s.protocol.lower()}"]
-        with open(logdir / f"{p.namespace}_{p.name}.log", "ab") as log:
+        with netns.signals_deferred(), open(logdir / f"{p.namespace}_{p.name}.log", "ab") as log:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -268,7 +311,7 @@ def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float =
                 start_new_session=True,  # not in our process group: Ctrl-C of `up` must not kill it
                 close_fds=True,
             )
-        undo.append(functools.partial(_kill, [proc.pid]))
+            undo.append(functools.partial(_kill, [proc.pid]))
         journal(lab, f"responder {p.netns} {proc.pid}")
         started.append((p, proc))
     deadline = time.monotonic() + timeout
@@ -331,6 +374,22 @@ def stop_processes(names: list[str]) -> list[int]:
 
 
 def delete_netns(names: list[str]) -> None:
+    """Delete namespaces out of a lab that stays up (a replaced or removed pod or node).
+
+    The kernel frees a namespace, and the veth peers it takes along, asynchronously (up to a
+    second later). The peers live in namespaces that stay (a pod's host veth in its node, a
+    node's port in the underlay) and a replacement reuses their names, so delete the veths
+    here first: deleting one end of a veth deletes both, synchronously.
+    """
     stop_processes(names)
     for name in names:
+        if netns.inode(name) is not None:
+            with _netlink(name, "delete veths") as ipr:
+                for link in ipr.get_links():
+                    if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth":
+                        try:
+                            ipr.link("del", index=link["index"])
+                        except NetlinkError as exc:
+                            if exc.code != errno.ENODEV:  # gone with its peer already
+                                raise
         netns.delete(name)

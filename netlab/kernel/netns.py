@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,7 +72,14 @@ def inside(name: str) -> Iterator[None]:
         os.close(home)
 
 
+_run_dir_ready = False
+
+
 def _ensure_run_dir() -> None:
+    global _run_dir_ready
+    if _run_dir_ready and os.path.isdir(RUN_DIR):
+        return
+    _run_dir_ready = True
     # iproute2 makes /run/netns a shared mount point so that namespace mounts propagate to
     # every mount namespace (ip netns exec makes a private one); do the same, once.
     os.makedirs(RUN_DIR, exist_ok=True)
@@ -114,6 +122,57 @@ def create(name: str) -> Iterator[None]:
             _setns(home, "the caller's namespace")
     finally:
         os.close(home)
+
+
+@contextmanager
+def anonymous() -> Iterator[int]:
+    """Run the body in a new, unnamed netns; yield an fd that keeps the netns alive.
+
+    Sockets opened in the body stay in the new netns. Closing the fd (and those sockets)
+    frees the namespace and everything in it, veth peers included: that is what makes a pod
+    built this way crash-safe until `publish` names it.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare", "a new namespace")
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                yield fd
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            _setns(home, "the caller's namespace")
+    finally:
+        os.close(home)
+
+
+def publish(fd: int, name: str) -> None:
+    """Give the netns behind `fd` its name (/run/netns/<name>), as `ip netns attach` does."""
+    _ensure_run_dir()
+    target = path(name)
+    os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), b"none", MS_BIND, None), "bind mount", name)
+    except BaseException:
+        os.unlink(target)
+        raise
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the body is done.
+
+    Creating a kernel object and recording how to undo it must happen as one step: a Ctrl-C
+    between the two would leave an object the rollback does not know about.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def delete(name: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from netlab.kernel import netns
+from netlab.kernel import netns, rtnl
 from netlab.plan import naming
 from netlab.plan.model import ObservedLab, ObservedNode, ObservedPod, Peer
 
@@ -34,11 +34,14 @@ def read_mark(name: str) -> tuple[str, str, str, str] | None:
     if netns.inode(name) is None:
         return None
     try:
-        with netns.inside(name), IPRoute() as ipr:
-            lo = ipr.get_links(1)[0]
+        # one RTM_GETLINK for ifindex 1 (lo), not a dump: `down` reads every lab netns' mark
+        with netns.inside(name):
+            nl = rtnl.Batch(name)
+        with nl:
+            lo = nl.get_link(index=1)
     except OSError:
         return None
-    return naming.parse_mark(lo.get("IFLA_IFALIAS") or "")
+    return naming.parse_mark((lo.get("IFLA_IFALIAS") if lo else None) or "")
 
 
 def lab_netns() -> dict[str, tuple[str, str, str, str]]:

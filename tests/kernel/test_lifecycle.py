@@ -132,7 +132,9 @@ def test_failed_up_rolls_back(make_lab: Any) -> None:
     assert lab.exec("a1", "nc", "-w", "2", lab.pod_ip("b1"), "8080", input="").stdout.strip() == "b1"
 
 
-def test_ctrl_c_mid_up_leaves_nothing(make_lab: Any) -> None:
+@pytest.mark.parametrize("after_netns", [1, 3, 30, 100])
+def test_ctrl_c_mid_up_leaves_nothing(make_lab: Any, after_netns: int) -> None:
+    """Ctrl-C while the underlay, the nodes, or the pods are being built."""
     spec = {
         "nodes": [{"name": f"n{i}"} for i in range(4)],
         "pods": [{"name": f"p{i}", "node": f"n{i % 4}"} for i in range(120)],
@@ -142,8 +144,8 @@ def test_ctrl_c_mid_up_leaves_nothing(make_lab: Any) -> None:
         [*NETLAB, "up", str(lab.file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len([n for n in kns.list_names(f"nl-{lab.name}-")]) < 20:
-        time.sleep(0.01)
+    while time.monotonic() < deadline and len(kns.list_names(f"nl-{lab.name}-")) < after_netns:
+        time.sleep(0.001)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -236,3 +238,29 @@ def test_not_root_is_refused(make_lab: Any) -> None:
         input=lab.file.read_text(),
     )
     assert r.returncode == 0 and "create node node1" in r.stdout
+
+
+def test_changed_pod_and_overlay_are_replaced_in_place(make_lab: Any) -> None:
+    """A replacement reuses kernel names (the host veth, the node's underlay port) at once:
+    the kernel frees a deleted namespace's veths asynchronously, so netlab must not race it."""
+    spec = two_nodes()
+    lab = make_lab(spec)
+    lab.up()
+    b1 = lab.pod_ip("b1")
+    spec["pods"][2]["serve"] = [8081]
+    lab.write(spec)
+    plan = json.loads(lab.netlab("plan", str(lab.file), "-o", "json").stdout)
+    assert sorted(s["kind"] for s in plan["steps"]) == ["CreatePod", "DeleteNetns", "StartResponder"]
+    lab.up()
+    assert lab.pod_ip("b1") == b1
+    assert lab.exec("a1", "nc", "-w", "2", b1, "8081", input="").stdout.strip() == "b1"
+
+    spec["cluster"]["overlay"] = "host-gw"
+    lab.write(spec)
+    lab.up()
+    assert "flannel.1" not in lab.exec("node1", "ip", "-o", "link").stdout
+    assert f"via {next(n['ip'] for n in lab.status()['nodes'] if n['name'] == 'node2').split('/')[0]} dev eth0" in (
+        lab.exec("node1", "ip", "route").stdout
+    )
+    assert lab.exec("a1", "nc", "-w", "2", lab.pod_ip("b1"), "8081", input="").stdout.strip() == "b1"
+    assert "no change" in lab.up().stdout
