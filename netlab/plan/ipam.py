@@ -8,6 +8,7 @@ allocator for node subnets; host-local IPAM for pod IPs, starting after the gate
 
 from __future__ import annotations
 
+import itertools
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netlab.errors import PlanError
@@ -115,12 +116,14 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
             used[p.node].add(prev_pod.ip)
     pods: list[PodPlan] = []
     veths: dict[tuple[str, str], str] = {}
+    # lowest free first: one lazy walk per node over its hosts after .1 (cni0), skipping the
+    # sticky addresses (all taken above) and each new one as it is handed out
+    free = {n.name: (a for a in itertools.islice(n.pod_cidr.hosts(), 1, None) if a not in used[n.name]) for n in nodes}
     for p in topo.pods:
         key = f"{p.namespace}/{p.name}"
         node = by_name[p.node]
         if key not in pod_ips:
-            candidates = list(node.pod_cidr.hosts())[1:]  # .1 is cni0
-            ip = _lowest_free(candidates, used[p.node])
+            ip = next(free[p.node], None)
             if ip is None:
                 raise PlanError(f"node {p.node}'s pod subnet {node.pod_cidr} is full; cannot place {key}")
             pod_ips[key] = ip
