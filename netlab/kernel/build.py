@@ -48,6 +48,9 @@ Undo = list[Callable[[], None]]
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x4
+# flannel's netlink library (vishvananda/netlink) adds routes with RTPROT_BOOT, as `ip route add`
+# does: `ip route` then prints them without a "proto" field, as on a real node.
+RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
 UNDO_ON_ERROR = (NetlinkError, OSError)
 
@@ -189,11 +192,13 @@ def _peer_requests(ipr: IPRoute, vni: int, peer: Peer, command: str) -> None:
             lambda: ipr.neigh(command, ifindex=vx, dst=gw, lladdr=peer.vtep_mac, state=NUD_PERMANENT),
             # AF_BRIDGE entry on the VXLAN device: frames for this MAC go to the remote node IP.
             lambda: ipr.fdb(command, ifindex=vx, lladdr=peer.vtep_mac, dst=str(peer.node_ip)),
-            lambda: ipr.route(command, dst=str(peer.subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK),
+            lambda: ipr.route(
+                command, dst=str(peer.subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK, proto=RTPROT_BOOT
+            ),
         ]
     else:
         eth0 = _lookup(ipr, naming.NODE_UPLINK)
-        ops = [lambda: ipr.route(command, dst=str(peer.subnet), gateway=str(peer.node_ip), oif=eth0)]
+        ops = [lambda: ipr.route(command, dst=str(peer.subnet), gateway=str(peer.node_ip), oif=eth0, proto=RTPROT_BOOT)]
     if command == "del":
         ops.reverse()
     for op in ops:
