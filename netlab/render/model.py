@@ -78,5 +78,5 @@ class NodeContext:
 
     @property
     def masquerade_mark(self) -> str:
-        """Go's `%#08x` of 1<<bit: `0x4000` for the default bit 14."""
-        return f"{1 << self.masquerade_bit:#08x}"
+        """The mark as kube-proxy's rules show it: `0x4000` for the default bit 14."""
+        return f"{1 << self.masquerade_bit:#x}"
