@@ -9,6 +9,7 @@ allocator for node subnets; host-local IPAM for pod IPs, starting after the gate
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netlab.errors import PlanError
@@ -27,6 +28,12 @@ def _lowest_free(candidates: list[IPv4Address], used: set[IPv4Address]) -> IPv4A
         if a not in used:
             return a
     return None
+
+
+def _free_hosts(subnet: IPv4Network, used: set[IPv4Address]) -> Iterator[IPv4Address]:
+    """Hosts of a node's pod subnet after .1 (cni0), lowest first, skipping those in `used`
+    (checked lazily, so addresses added to `used` later are skipped too)."""
+    return (a for a in itertools.islice(subnet.hosts(), 1, None) if a not in used)
 
 
 def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = None) -> LabPlan:
@@ -100,7 +107,7 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
     # --- pod IPs: sticky on the same node, then lowest free after the gateway ---------------
     used: dict[str, set[IPv4Address]] = {n.name: set() for n in nodes}
     pod_ips: dict[str, IPv4Address] = {}
-    for p in topo.pods:
+    for _, p in topo.all_pods():
         key = f"{p.namespace}/{p.name}"
         prev_pod = obs_pods.get(key)
         node = by_name[p.node]
@@ -118,12 +125,12 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
     veths: dict[tuple[str, str], str] = {}
     # lowest free first: one lazy walk per node over its hosts after .1 (cni0), skipping the
     # sticky addresses (all taken above) and each new one as it is handed out
-    free = {n.name: (a for a in itertools.islice(n.pod_cidr.hosts(), 1, None) if a not in used[n.name]) for n in nodes}
-    for p in topo.pods:
+    free_ips = {n.name: _free_hosts(n.pod_cidr, used[n.name]) for n in nodes}
+    for _, p in topo.all_pods():
         key = f"{p.namespace}/{p.name}"
         node = by_name[p.node]
         if key not in pod_ips:
-            ip = next(free[p.node], None)
+            ip = next(free_ips[p.node], None)
             if ip is None:
                 raise PlanError(f"node {p.node}'s pod subnet {node.pod_cidr} is full; cannot place {key}")
             pod_ips[key] = ip

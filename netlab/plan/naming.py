@@ -1,9 +1,10 @@
 """Every kernel name netlab uses, in one place.
 
     netns      nl-<lab>-underlay            the physical L2 network between nodes (bridge br0)
+               nl-<lab>-external            a client outside the cluster, on the underlay
                nl-<lab>-<node>              a Kubernetes node
                nl-<lab>-<namespace>-<pod>   a pod
-    links      underlay: br0, one port per node named after the node (<= 15 chars)
+    links      underlay: br0, one port per node named after the node (<= 15 chars), and `external`
                node:     eth0 (underlay), cni0 (bridge CNI), flannel.<VNI> (VXLAN), veth<8 hex> per pod
                pod:      eth0
     marks      every lab netns has its `lo` alias set to `netlab:<lab>:<role>:<id>:<fingerprint>`;
@@ -42,6 +43,11 @@ POD_IFNAME = "eth0"
 
 def netns_underlay(lab: str) -> str:
     return f"{NETNS_PREFIX}{lab}-underlay"
+
+
+def netns_external(lab: str) -> str:
+    """A client outside every node, on the underlay: NodePort traffic comes from here."""
+    return f"{NETNS_PREFIX}{lab}-external"
 
 
 def netns_node(lab: str, node: str) -> str:

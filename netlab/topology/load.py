@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from netlab.errors import TopologyError
 from netlab.plan import naming
-from netlab.topology.schema import Topology
+from netlab.topology.schema import ServePort, Topology
 
 __all__ = ["load", "load_text"]
 
@@ -289,50 +289,60 @@ def check(topo: Topology, file: str) -> None:
                 )
             explicit[node.pod_cidr] = i
 
+    for i, d in enumerate(topo.deployments):
+        for j, node_name in enumerate(d.nodes):
+            if node_name not in names:
+                raise TopologyError(
+                    file,
+                    f"deployments[{i}].nodes[{j}]",
+                    f"{node_name!r} is not a node of this lab; use one of: {', '.join(sorted(names))}",
+                )
+        _check_serve(file, f"deployments[{i}]", d.serve)
+
     capacity = 2 ** (32 - c.node_cidr_mask_size) - 3  # network, gateway (.1), broadcast
     per_node: dict[str, int] = {}
-    pods: dict[tuple[str, str], int] = {}
-    for i, pod in enumerate(topo.pods):
+    pods: dict[tuple[str, str], str] = {}
+    all_pods = topo.all_pods()
+    for where, pod in all_pods:
+        declared_by_pod = where.startswith("pods[")
         key = (pod.namespace, pod.name)
         if key in pods:
             raise TopologyError(
                 file,
-                f"pods[{i}].name",
-                f"{pod.namespace}/{pod.name} is already pods[{pods[key]}]; pod names must be unique within a namespace",
+                f"{where}.name",
+                f"{pod.namespace}/{pod.name} is already declared by {pods[key]}; pod names (including "
+                "<deployment>-<i>) must be unique within a namespace",
             )
-        pods[key] = i
+        pods[key] = where
         if pod.node not in names:
-            known = ", ".join(sorted(names))
             raise TopologyError(
                 file,
-                f"pods[{i}].node",
-                f"{pod.node!r} is not a node of this lab; use one of: {known}",
+                f"{where}.node",
+                f"{pod.node!r} is not a node of this lab; use one of: {', '.join(sorted(names))}",
             )
         per_node[pod.node] = per_node.get(pod.node, 0) + 1
         if per_node[pod.node] > capacity:
             raise TopologyError(
                 file,
-                f"pods[{i}].node",
+                f"{where}.node" if declared_by_pod else f"{where}.replicas",
                 f"node {pod.node!r} would hold more than {capacity} pods, all a "
                 f"/{c.node_cidr_mask_size} pod subnet can address; spread pods over more nodes or "
                 "lower cluster.nodeCIDRMaskSize",
             )
-        seen_ports: set[tuple[int, str]] = set()
-        for j, sp in enumerate(pod.serve):
-            if (sp.port, sp.protocol) in seen_ports:
-                raise TopologyError(
-                    file,
-                    f"pods[{i}].serve[{j}]",
-                    f"{sp.port}/{sp.protocol} is listed twice; list each port once",
-                )
-            seen_ports.add((sp.port, sp.protocol))
+        if declared_by_pod:
+            _check_serve(file, where, pod.serve)
+
+    _check_services(topo, file)
 
     # Every node and pod becomes a netns named nl-<lab>-<node> / nl-<lab>-<namespace>-<pod>,
-    # beside nl-<lab>-underlay: two of them must not end up with the same name.
-    owners: dict[str, str] = {naming.netns_underlay(topo.name): "the underlay"}
+    # beside nl-<lab>-underlay and nl-<lab>-external: two of them must not share a name.
+    owners: dict[str, str] = {
+        naming.netns_underlay(topo.name): "the underlay",
+        naming.netns_external(topo.name): "the external client",
+    }
     for where, ns in [
         *((f"nodes[{i}].name", naming.netns_node(topo.name, n.name)) for i, n in enumerate(topo.nodes)),
-        *((f"pods[{i}].name", naming.netns_pod(topo.name, p.namespace, p.name)) for i, p in enumerate(topo.pods)),
+        *((f"{w}.name", naming.netns_pod(topo.name, p.namespace, p.name)) for w, p in all_pods),
     ]:
         if ns in owners:
             raise TopologyError(
@@ -342,3 +352,87 @@ def check(topo: Topology, file: str) -> None:
                 "(names join as nl-<lab>-<node> and nl-<lab>-<namespace>-<pod>); rename one of them",
             )
         owners[ns] = where
+
+
+def _check_serve(file: str, where: str, serve: Sequence[ServePort]) -> None:
+    seen: set[tuple[int, str]] = set()
+    for j, sp in enumerate(serve):
+        if (sp.port, sp.protocol) in seen:
+            raise TopologyError(
+                file, f"{where}.serve[{j}]", f"{sp.port}/{sp.protocol} is listed twice; list each port once"
+            )
+        seen.add((sp.port, sp.protocol))
+
+
+def _check_services(topo: Topology, file: str) -> None:
+    """The API server's Service validation, for what netlab models."""
+    c = topo.cluster
+    seen: dict[str, int] = {}
+    cluster_ips: dict[ipaddress.IPv4Address, int] = {}
+    node_ports: dict[tuple[int, str], str] = {}
+    for i, svc in enumerate(topo.services):
+        where = f"services[{i}]"
+        if svc.key in seen:
+            raise TopologyError(
+                file,
+                f"{where}.name",
+                f"{svc.key} is already services[{seen[svc.key]}]; service names must be unique within a namespace",
+            )
+        seen[svc.key] = i
+        if svc.cluster_ip is not None:
+            ip = svc.cluster_ip
+            usable = ip in c.service_cidr and ip not in (
+                c.service_cidr.network_address,
+                c.service_cidr.broadcast_address,
+            )
+            if not usable:
+                raise TopologyError(
+                    file,
+                    f"{where}.clusterIP",
+                    f"{ip} is not a usable address of cluster.serviceCIDR {c.service_cidr}; "
+                    "pick one inside it or leave clusterIP out",
+                )
+            if ip in cluster_ips:
+                raise TopologyError(
+                    file,
+                    f"{where}.clusterIP",
+                    f"{ip} is already services[{cluster_ips[ip]}].clusterIP; each service needs its own",
+                )
+            cluster_ips[ip] = i
+        names: set[str] = set()
+        for j, port in enumerate(svc.ports):
+            pwhere = f"{where}.ports[{j}]"
+            if len(svc.ports) > 1 and not port.name:
+                raise TopologyError(
+                    file, f"{pwhere}.name", "a service with several ports must name each of them; add name:"
+                )
+            if port.name in names:
+                raise TopologyError(
+                    file,
+                    f"{pwhere}.name",
+                    f"port name {port.name!r} is used twice in this service; names must be unique",
+                )
+            names.add(port.name)
+            if port.node_port is not None:
+                if svc.type != "NodePort":
+                    raise TopologyError(
+                        file,
+                        f"{pwhere}.nodePort",
+                        f"{port.node_port} is set but the service's type is {svc.type}; "
+                        "set type: NodePort or remove nodePort",
+                    )
+                np_key = (port.node_port, str(port.protocol))
+                if np_key in node_ports:
+                    raise TopologyError(
+                        file,
+                        f"{pwhere}.nodePort",
+                        f"{port.node_port}/{port.protocol} is already {node_ports[np_key]}; "
+                        "each NodePort must be unique",
+                    )
+                node_ports[np_key] = f"{pwhere}.nodePort"
+        if svc.type == "ClusterIP" and svc.external_traffic_policy != "Cluster":
+            raise TopologyError(
+                file,
+                f"{where}.externalTrafficPolicy",
+                "externalTrafficPolicy applies to NodePort services only; remove it or set type: NodePort",
+            )

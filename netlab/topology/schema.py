@@ -34,7 +34,7 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # underlay bridge (as a switch port is labelled with the host plugged into it).
 IFNAMSIZ = 15
 # links that already exist in the underlay namespace, where each node gets a port named after it
-UNDERLAY_LINKS = ("lo", "br0")
+UNDERLAY_LINKS = ("lo", "br0", "external")
 
 
 class Overlay(StrEnum):
@@ -49,6 +49,8 @@ class ProxyMode(StrEnum):
 
 
 class Protocol(StrEnum):
+    """Service and responder protocols (kube-proxy writes them lower-case in rules)."""
+
     TCP = "TCP"
     UDP = "UDP"
 
@@ -214,13 +216,133 @@ class PodSpec(_Model):
         return _dns_label(value, "namespace")
 
 
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+
+
+class TrafficPolicy(StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+class SessionAffinity(StrEnum):
+    NONE = "None"
+    CLIENT_IP = "ClientIP"
+
+
+class ServicePortSpec(_Model):
+    name: str = ""
+    port: Annotated[int, Field(ge=1, le=65535)]
+    target_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None, alias="targetPort", description="The pods' port; defaults to port."
+    )
+    protocol: Protocol = Protocol.TCP
+    node_port: Annotated[int, Field(ge=30000, le=32767)] | None = Field(
+        default=None, alias="nodePort", description="type NodePort only; allocated from 30000-32767 if left out."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _dns_label(value, "port name", limit=15) if value else value
+
+    @property
+    def effective_target_port(self) -> int:
+        return self.target_port or self.port
+
+
+class ClientIPConfig(_Model):
+    timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = Field(default=10800, alias="timeoutSeconds")
+
+
+class SessionAffinityConfig(_Model):
+    client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
+
+
+class ServiceSpec(_Model):
+    """A Kubernetes Service: its endpoints are the pods of its namespace that match `selector`."""
+
+    name: str
+    namespace: str = "default"
+    type: ServiceType = ServiceType.CLUSTER_IP
+    selector: dict[str, str] = Field(default_factory=dict)
+    ports: list[ServicePortSpec] = Field(min_length=1)
+    cluster_ip: ipaddress.IPv4Address | None = Field(
+        default=None, alias="clusterIP", description="Allocated from cluster.serviceCIDR if left out."
+    )
+    session_affinity: SessionAffinity = Field(default=SessionAffinity.NONE, alias="sessionAffinity")
+    session_affinity_config: SessionAffinityConfig = Field(
+        default_factory=SessionAffinityConfig, alias="sessionAffinityConfig"
+    )
+    internal_traffic_policy: TrafficPolicy = Field(default=TrafficPolicy.CLUSTER, alias="internalTrafficPolicy")
+    external_traffic_policy: TrafficPolicy = Field(default=TrafficPolicy.CLUSTER, alias="externalTrafficPolicy")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _dns_label(value, "service name")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return _dns_label(value, "namespace")
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class DeploymentSpec(_Model):
+    """`replicas` pods named `<name>-<i>`, placed on `nodes` in turn (default: every node in turn)."""
+
+    name: str
+    namespace: str = "default"
+    replicas: Annotated[int, Field(ge=0, le=10000)] = 1
+    labels: dict[str, str] = Field(default_factory=dict, description="Pod labels; default {app: <name>}.")
+    nodes: list[str] = Field(default_factory=list, description="Nodes to place replicas on, in turn.")
+    serve: list[ServePort] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # pods are named <name>-<i>: leave room for the suffix within the 63-character label
+        return _dns_label(value, "deployment name", limit=57)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return _dns_label(value, "namespace")
+
+
 class Topology(_Model):
-    """One lab: a cluster's nodes and pods."""
+    """One lab: a cluster's nodes, pods, deployments and services."""
 
     name: str = Field(description="Lab name; every kernel object of the lab carries it.")
     cluster: Cluster = Field(default_factory=Cluster)
     nodes: list[NodeSpec] = Field(min_length=1)
     pods: list[PodSpec] = Field(default_factory=list)
+    deployments: list[DeploymentSpec] = Field(default_factory=list)
+    services: list[ServiceSpec] = Field(default_factory=list)
+
+    def all_pods(self) -> list[tuple[str, PodSpec]]:
+        """Every pod with the key path that declares it: `pods[i]`, or `deployments[i]` for the
+        replicas a deployment expands to (the ReplicaSet controller's job, done at plan time)."""
+        out = [(f"pods[{i}]", p) for i, p in enumerate(self.pods)]
+        all_nodes = [n.name for n in self.nodes]
+        for i, d in enumerate(self.deployments):
+            place = d.nodes or all_nodes
+            labels = d.labels or {"app": d.name}
+            for r in range(d.replicas):
+                pod = PodSpec(
+                    name=f"{d.name}-{r}",
+                    namespace=d.namespace,
+                    node=place[r % len(place)],
+                    labels=labels,
+                    serve=d.serve,
+                )
+                out.append((f"deployments[{i}]", pod))
+        return out
 
     @field_validator("name")
     @classmethod

@@ -213,6 +213,36 @@ def test_a_new_pod_gets_the_lowest_free_ip() -> None:
     }
 
 
+def test_new_pods_skip_sticky_addresses_on_every_node() -> None:
+    """Each node's free-address walk checks that node's own sticky addresses (not the last
+    node's: a late-binding closure once made every node check the last node's set)."""
+    first = resolve(topo(["node1", "node2"], [("a1", "node1"), ("b1", "node2"), ("b2", "node2")]))
+    plan = resolve(
+        topo(["node1", "node2"], [("new1", "node1"), ("a1", "node1"), ("b2", "node2")]),
+        observed=observe(first),
+    )
+    assert pod_ips(plan) == {
+        "default/new1": "10.244.0.3/24",
+        "default/a1": "10.244.0.2/24",
+        "default/b2": "10.244.1.3/24",
+    }
+
+
+def test_deployment_replicas_get_addresses_like_pods() -> None:
+    t = Topology.model_validate(
+        {
+            "name": "lab1",
+            "nodes": [{"name": "node1"}, {"name": "node2"}],
+            "deployments": [{"name": "web", "replicas": 3, "serve": [8080]}],
+        }
+    )
+    assert pod_ips(resolve(t)) == {
+        "default/web-0": "10.244.0.2/24",
+        "default/web-1": "10.244.1.2/24",
+        "default/web-2": "10.244.0.3/24",
+    }
+
+
 def test_a_pod_moved_to_another_node_gets_an_address_there() -> None:
     first = resolve(topo(["node1", "node2"], [("a1", "node1"), ("a2", "node1")]))
     plan = resolve(topo(["node1", "node2"], [("a1", "node2"), ("a2", "node1")]), observed=observe(first))
