@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from netlab.errors import LabError, PrivilegeError
-from netlab.kernel import build, features, netns, observe
+from netlab.kernel import build, features, netns, observe, proxy
 from netlab.plan import LabPlan, Plan, plan, resolve
 from netlab.plan.steps import (
     AddPeer,
+    CreateExternal,
     CreateNode,
     CreatePod,
     CreateUnderlay,
@@ -30,6 +31,7 @@ from netlab.plan.steps import (
     DeletePeer,
     StartResponder,
     Step,
+    SyncRules,
 )
 from netlab.topology import load
 from netlab.topology.schema import Overlay, Topology
@@ -160,6 +162,12 @@ def _run(lab: LabPlan, step: Step, undo: build.Undo) -> None:
         build.delete_peer(step.netns, step.vni, step.peer)
     elif isinstance(step, CreateUnderlay):
         build.create_underlay(lab.name, step.netns, undo)
+    elif isinstance(step, CreateExternal):
+        build.create_external(lab.name, step.underlay_netns, step.external, undo)
+    elif isinstance(step, SyncRules):
+        ns, node = step.node.netns, step.node.name
+        undo.append(proxy.undo_for(lab.name, node, ns, step.rules, step.previous))
+        proxy.sync(lab.name, node, ns, step.rules, step.previous, step.cleanup)
     elif isinstance(step, CreateNode):
         build.create_node(lab.name, step.underlay_netns, step.node, undo)
     elif isinstance(step, AddPeer):
@@ -322,11 +330,11 @@ def _net(cidr: str | None) -> str | None:
 
 
 def exec_target(lab: str, target: str) -> str:
-    """The netns for `target`: a pod (`name` or `namespace/name`), a node, or `underlay`."""
+    """The netns for `target`: a pod (`name` or `namespace/name`), a node, `underlay` or `external`."""
     marks = {ns: m for ns, m in observe.lab_netns().items() if m[0] == lab}
-    if target == "underlay":
+    if target in ("underlay", "external"):
         for ns, m in marks.items():
-            if m[1] == "underlay":
+            if m[1] == target:
                 return ns
     nodes = {m[2]: ns for ns, m in marks.items() if m[1] == "node"}
     pods = {m[2].partition("@")[0]: ns for ns, m in marks.items() if m[1] == "pod"}

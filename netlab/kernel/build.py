@@ -27,7 +27,7 @@ from netlab.errors import FeatureError, KernelError
 from netlab.kernel import netns, rtnl
 from netlab.kernel.observe import processes_by_netns
 from netlab.plan import naming
-from netlab.plan.model import NodePlan, Peer, PodPlan
+from netlab.plan.model import ExternalPlan, NodePlan, Peer, PodPlan
 from netlab.topology.schema import Overlay
 
 __all__ = [
@@ -182,6 +182,28 @@ def create_node(lab: str, underlay_ns: str, n: NodePlan, undo: Undo) -> None:
             ipr.link("set", index=vx, ifalias=alias)
             ipr.addr("add", index=vx, address=str(n.vtep_ip), prefixlen=32)
     _finish_mark(n.netns, naming.netns_mark(lab, "node", n.name, n.fingerprint))
+
+
+def create_external(lab: str, underlay_ns: str, e: ExternalPlan, undo: Undo) -> None:
+    """A client outside every node: one veth on the underlay, like a laptop on the node LAN."""
+    _new_netns(lab, e.netns, naming.netns_mark(lab, "external", "client", "-"), _NO_IPV6, undo)
+    with _netlink(underlay_ns, f"create veth {e.underlay_port} <-> {e.netns}/eth0") as ipr:
+        ipr.link(
+            "add",
+            ifname=e.underlay_port,
+            kind="veth",
+            address=e.underlay_port_mac,
+            mtu=e.mtu,
+            master=_lookup(ipr, naming.UNDERLAY_BRIDGE),
+            state="up",
+            peer={"ifname": naming.NODE_UPLINK, "net_ns_fd": e.netns, "address": e.mac, "mtu": e.mtu},
+        )
+        ipr.link("set", index=_lookup(ipr, e.underlay_port), ifalias=naming.link_alias(lab))
+    with _netlink(e.netns, "configure the external client") as ipr:
+        eth0 = _lookup(ipr, naming.NODE_UPLINK)
+        ipr.link("set", index=eth0, state="up", ifalias=naming.link_alias(lab))
+        ipr.addr("add", index=eth0, address=str(e.ip.ip), prefixlen=e.ip.network.prefixlen)
+    _finish_mark(e.netns, naming.netns_mark(lab, "external", "client", e.fingerprint))
 
 
 def _peer_requests(ipr: IPRoute, vni: int, peer: Peer, command: str) -> None:

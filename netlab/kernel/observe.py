@@ -15,9 +15,9 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from netlab.kernel import netns, rtnl
+from netlab.kernel import netns, rtnl, rules, rules_state
 from netlab.plan import naming
-from netlab.plan.model import ObservedLab, ObservedNode, ObservedPod, Peer
+from netlab.plan.model import ObservedLab, ObservedNode, ObservedPod, ObservedRules, Peer
 
 __all__ = ["LinkInfo", "NetnsState", "lab_netns", "list_labs", "observe_lab", "read_mark", "read_state"]
 
@@ -127,6 +127,8 @@ def observe_lab(lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, st
             continue
         if role == "underlay":
             obs.underlay = name
+        elif role == "external":
+            obs.external = (name, fp)
         elif role == "node":
             node = ObservedNode(ident, name, fp)
             with netns.inside(name), IPRoute() as ipr:
@@ -135,6 +137,7 @@ def observe_lab(lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, st
                 node.ip = eth0.ip if eth0 else None
                 node.pod_cidr = cni.network if cni else None
                 node.peers = _peers(ipr, vni)
+            node.rules = observe_rules(lab, ident, name) if fp != "-" else None
             obs.nodes[ident] = node
         elif role == "pod":
             key, _, node_name = ident.partition("@")
@@ -148,6 +151,18 @@ def observe_lab(lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, st
             pod.responders = tuple(p for p in procs.get(ino, []) if _is_responder(p)) if ino else ()
             obs.pods[key] = pod
     return obs
+
+
+def observe_rules(lab: str, node: str, ns: str) -> ObservedRules:
+    """Which kube-proxy modes the node's kernel holds, and what netlab last programmed there."""
+    last = rules_state.load(lab, node)
+    tool = rules.IptablesTool(last.iptables_backend if last else "auto")
+    chains = rules.iptables_chains(ns, tool)
+    return ObservedRules(
+        iptables="KUBE-SERVICES" in chains.get("nat", set()),
+        nftables=rules.has_nft_table(ns),
+        last=last,
+    )
 
 
 def _is_responder(pid: int) -> bool:

@@ -14,7 +14,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netlab.errors import PlanError
 from netlab.plan import naming
-from netlab.plan.model import LabPlan, NodePlan, ObservedLab, PodPlan
+from netlab.plan.model import ExternalPlan, LabPlan, NodePlan, ObservedLab, PodPlan
+from netlab.plan.services import resolve_services
 from netlab.topology.schema import Overlay, Topology
 
 __all__ = ["VXLAN_OVERHEAD", "resolve"]
@@ -171,6 +172,16 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
         underlay_netns=naming.netns_underlay(lab),
         nodes=tuple(nodes),
         pods=tuple(pods),
+        external=ExternalPlan(
+            netns=naming.netns_external(lab),
+            ip=IPv4Interface(f"{hosts[-1]}/{c.node_cidr.prefixlen}"),  # the last host, kept free above
+            mac=naming.mac_address(lab, "external", "eth0"),
+            underlay_port="external",
+            underlay_port_mac=naming.mac_address(lab, "underlay", "external"),
+            mtu=c.mtu,
+        ),
+        services=resolve_services(topo.services, pods, c.service_cidr),
+        iptables_backend=c.iptables_backend,
     )
     names: dict[str, str] = {}
     for ns in plan.netns_names:

@@ -10,9 +10,21 @@ import hashlib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from netlab.render.model import NodeContext, ServicePort
 from netlab.topology.schema import Overlay, ProxyMode, ServePort
 
-__all__ = ["LabPlan", "NodePlan", "ObservedLab", "ObservedNode", "ObservedPod", "Peer", "PodPlan"]
+__all__ = [
+    "ExternalPlan",
+    "LabPlan",
+    "NodePlan",
+    "ObservedLab",
+    "ObservedNode",
+    "ObservedPod",
+    "ObservedRules",
+    "Peer",
+    "PodPlan",
+    "RulesPlan",
+]
 
 
 def _fp(*parts: object) -> str:
@@ -112,6 +124,36 @@ class PodPlan:
 
 
 @dataclass(frozen=True)
+class ExternalPlan:
+    """A client outside the cluster: a namespace on the underlay, like a laptop on the node LAN."""
+
+    netns: str
+    ip: IPv4Interface
+    mac: str
+    underlay_port: str
+    underlay_port_mac: str
+    mtu: int
+
+    @property
+    def fingerprint(self) -> str:
+        return _fp(self.ip, self.mac, self.underlay_port, self.underlay_port_mac, self.mtu)
+
+
+@dataclass(frozen=True)
+class RulesPlan:
+    """What kube-proxy programs on one node: the mode, the iptables backend and its input."""
+
+    mode: ProxyMode
+    iptables_backend: str  # "auto" (what `iptables` is on this system), "nft" or "legacy"
+    context: NodeContext
+    services: tuple[ServicePort, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return _fp(self.mode, self.iptables_backend, self.context, self.services)
+
+
+@dataclass(frozen=True)
 class LabPlan:
     name: str
     source: str
@@ -123,6 +165,19 @@ class LabPlan:
     underlay_netns: str
     nodes: tuple[NodePlan, ...]
     pods: tuple[PodPlan, ...]
+    external: ExternalPlan | None = None
+    services: tuple[ServicePort, ...] = ()
+    iptables_backend: str = "auto"
+
+    def rules(self, node: NodePlan) -> RulesPlan:
+        """kube-proxy's input on `node`: detect-local by the cluster's pod CIDR (--cluster-cidr)."""
+        context = NodeContext(
+            name=node.name,
+            node_ips=(node.ip.ip,),
+            cluster_cidr=self.pod_cidr,
+            service_cidrs=(self.service_cidr,),
+        )
+        return RulesPlan(self.proxy_mode, self.iptables_backend, context, self.services)
 
     def node(self, name: str) -> NodePlan:
         for n in self.nodes:
@@ -132,7 +187,8 @@ class LabPlan:
 
     @property
     def netns_names(self) -> list[str]:
-        return [self.underlay_netns, *(n.netns for n in self.nodes), *(p.netns for p in self.pods)]
+        external = [self.external.netns] if self.external else []
+        return [self.underlay_netns, *external, *(n.netns for n in self.nodes), *(p.netns for p in self.pods)]
 
 
 @dataclass
@@ -143,6 +199,17 @@ class ObservedNode:
     ip: IPv4Address | None = None
     pod_cidr: IPv4Network | None = None
     peers: frozenset[Peer] = frozenset()
+    rules: ObservedRules | None = None
+
+
+@dataclass
+class ObservedRules:
+    """kube-proxy state on a node: which modes' objects the kernel holds, and what netlab last
+    programmed there (from its state file, trusted only while the kernel still agrees)."""
+
+    iptables: bool = False  # nat KUBE-SERVICES exists
+    nftables: bool = False  # table ip kube-proxy exists
+    last: RulesPlan | None = None
 
 
 @dataclass
@@ -161,6 +228,7 @@ class ObservedLab:
 
     name: str
     underlay: str | None = None  # netns name when present
+    external: tuple[str, str] | None = None  # (netns name, fingerprint) when present
     nodes: dict[str, ObservedNode] = field(default_factory=dict)
     pods: dict[str, ObservedPod] = field(default_factory=dict)
     # lab netns names that exist but are half-built (mark written, fingerprint "-")

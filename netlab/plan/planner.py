@@ -14,6 +14,7 @@ from netlab.errors import LabError
 from netlab.plan.model import LabPlan, ObservedLab, Peer
 from netlab.plan.steps import (
     AddPeer,
+    CreateExternal,
     CreateNode,
     CreatePod,
     CreateUnderlay,
@@ -21,6 +22,7 @@ from netlab.plan.steps import (
     DeletePeer,
     StartResponder,
     Step,
+    SyncRules,
 )
 
 __all__ = ["Plan", "plan"]
@@ -80,6 +82,11 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
 
     if observed.underlay is None:
         creates.append(CreateUnderlay(desired.name, desired.underlay_netns))
+    ext = desired.external
+    if ext is not None and (observed.external is None or observed.external[1] != ext.fingerprint):
+        if observed.external is not None:
+            removes.append(DeleteNetns("external", "client", observed.external[0]))
+        creates.append(CreateExternal(desired.name, desired.underlay_netns, ext))
     for node in desired.nodes:
         if node.name not in kept:
             creates.append(CreateNode(desired.name, desired.underlay_netns, node))
@@ -89,6 +96,7 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
             if remote.name != node.name and remote.as_peer() not in have:
                 creates.append(AddPeer(node, remote.as_peer()))
 
+    responders: list[Step] = []
     removed_pods = {s.ident for s in removes if isinstance(s, DeleteNetns) and s.role == "pod"}
     for pod in desired.pods:
         running = observed.pods.get(pod.key)
@@ -96,7 +104,21 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
             creates.append(CreatePod(desired.name, pod, desired.node(pod.node)))
             running = None
         if pod.serve and (running is None or not running.responders):
-            creates.append(StartResponder(desired.name, pod))
+            responders.append(StartResponder(desired.name, pod))
+
+    # kube-proxy on every node, services or not (a real node always has its base chains)
+    for node in desired.nodes:
+        want_rules = desired.rules(node)
+        obs_rules = kept[node.name].rules if node.name in kept else None
+        present = {"iptables": obs_rules.iptables, "nftables": obs_rules.nftables} if obs_rules else {}
+        cleanup = tuple(m for m, there in present.items() if there and m != str(want_rules.mode))
+        last = obs_rules.last if obs_rules and present.get(str(want_rules.mode)) else None
+        if last is not None and (last.mode != want_rules.mode or last.iptables_backend != want_rules.iptables_backend):
+            last = None
+        if last is not None and last.fingerprint == want_rules.fingerprint and not cleanup:
+            continue
+        creates.append(SyncRules(desired.name, node, want_rules, previous=last, cleanup=cleanup))
+    creates += responders
 
     return Plan(desired, tuple(removes + creates))
 

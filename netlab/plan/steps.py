@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netlab.plan import naming
-from netlab.plan.model import NodePlan, Peer, PodPlan
+from netlab.plan.model import ExternalPlan, NodePlan, Peer, PodPlan, RulesPlan
 from netlab.topology.schema import Overlay
 
 __all__ = [
     "AddPeer",
+    "CreateExternal",
     "CreateNode",
     "CreatePod",
     "CreateUnderlay",
@@ -21,6 +22,7 @@ __all__ = [
     "DeletePeer",
     "StartResponder",
     "Step",
+    "SyncRules",
 ]
 
 
@@ -36,6 +38,65 @@ class CreateUnderlay:
 
     def objects(self) -> list[str]:
         return [f"netns {self.netns}", f"bridge {naming.UNDERLAY_BRIDGE} (the nodes' L2 network)"]
+
+
+@dataclass(frozen=True)
+class CreateExternal:
+    lab: str
+    underlay_netns: str
+    external: ExternalPlan
+    verb = "create"
+
+    @property
+    def target(self) -> str:
+        return "external client"
+
+    def objects(self) -> list[str]:
+        e = self.external
+        return [
+            f"netns {e.netns}",
+            f"veth {naming.NODE_UPLINK} {e.ip} <-> {self.underlay_netns}/{e.underlay_port} on {naming.UNDERLAY_BRIDGE}",
+        ]
+
+
+@dataclass(frozen=True)
+class SyncRules:
+    """Program kube-proxy's rules on a node in one transaction (kube-proxy's syncProxyRules).
+
+    `previous` is what netlab last programmed there, when the kernel still holds it: then only
+    the services that changed are rewritten (kube-proxy's partial sync). `cleanup` names the
+    modes whose leftovers must go first (a proxyMode switch).
+    """
+
+    lab: str
+    node: NodePlan
+    rules: RulesPlan
+    previous: RulesPlan | None = None
+    cleanup: tuple[str, ...] = ()
+    verb = "sync"
+
+    @property
+    def target(self) -> str:
+        return f"node {self.node.name} {self.rules.mode} rules"
+
+    def changed(self) -> list[str]:
+        """Service ports whose rules this sync rewrites (all of them on a full sync)."""
+        if self.previous is None or self.previous.context != self.rules.context:
+            return sorted({s.spn for s in self.rules.services})
+        old = {s.spn: s for s in self.previous.services}
+        new = {s.spn: s for s in self.rules.services}
+        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+    def objects(self) -> list[str]:
+        svcs = self.rules.services
+        eps = sum(len(s.endpoints) for s in svcs)
+        kind = "full sync" if self.previous is None or self.previous.context != self.rules.context else "partial sync"
+        out = [f"{self.rules.mode} ({kind}): {len(svcs)} service ports, {eps} endpoints"]
+        changed = self.changed()
+        if kind == "partial sync":
+            out.append("changed: " + (", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "") or "none"))
+        out += [f"remove {mode} rules left by a previous proxyMode" for mode in self.cleanup]
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,4 +224,14 @@ class DeleteNetns:
         return [f"netns {self.netns} and everything in it"]
 
 
-Step = CreateUnderlay | CreateNode | AddPeer | DeletePeer | CreatePod | StartResponder | DeleteNetns
+Step = (
+    CreateUnderlay
+    | CreateExternal
+    | CreateNode
+    | AddPeer
+    | DeletePeer
+    | CreatePod
+    | SyncRules
+    | StartResponder
+    | DeleteNetns
+)

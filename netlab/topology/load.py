@@ -68,6 +68,7 @@ _ALIASES = {
     "node_cidr": "nodeCIDR",
     "proxy_mode": "proxyMode",
     "vxlan_port": "vxlanPort",
+    "iptables_backend": "iptablesBackend",
 }
 
 

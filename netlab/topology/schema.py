@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_validator, model_validator
 from pydantic.json_schema import JsonSchemaValue
@@ -46,6 +46,9 @@ class ProxyMode(StrEnum):
     IPTABLES = "iptables"
     NFTABLES = "nftables"
     IPVS = "ipvs"
+
+
+IptablesBackend = Literal["auto", "nft", "legacy"]
 
 
 class Protocol(StrEnum):
@@ -154,6 +157,11 @@ class Cluster(_Model):
     # 15 characters: "flannel." leaves room for 7 digits.
     vni: Annotated[int, Field(ge=1, le=9_999_999)] = 1
     vxlan_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8472, alias="vxlanPort")
+    iptables_backend: IptablesBackend = Field(
+        default="auto",
+        alias="iptablesBackend",
+        description="auto: the backend the system's `iptables` uses (as kube-proxy does); or nft, legacy.",
+    )
 
     @field_validator("pod_cidr", mode="before")
     @classmethod

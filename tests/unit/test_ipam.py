@@ -332,8 +332,11 @@ def test_netns_names_as_documented() -> None:
     assert plan.underlay_netns == "nl-demo-underlay"
     assert [n.netns for n in plan.nodes] == ["nl-demo-node1", "nl-demo-node2"]
     assert [p.netns for p in plan.pods] == ["nl-demo-default-a1", "nl-demo-prod-web"]
+    assert plan.external is not None and plan.external.netns == "nl-demo-external"
+    assert str(plan.external.ip) == "172.18.0.254/24"  # the last host of nodeCIDR, never a node's
     assert plan.netns_names == [
         "nl-demo-underlay",
+        "nl-demo-external",
         "nl-demo-node1",
         "nl-demo-node2",
         "nl-demo-default-a1",

@@ -14,6 +14,7 @@ import pytest
 
 from netlab.errors import LabError
 from netlab.plan import LabPlan, ObservedLab, ObservedNode, ObservedPod, Plan, plan, resolve
+from netlab.plan.model import ObservedRules
 from netlab.plan.steps import (
     AddPeer,
     CreateNode,
@@ -50,6 +51,7 @@ def observe(lab: LabPlan) -> ObservedLab:
             ip=n.ip.ip,
             pod_cidr=n.pod_cidr,
             peers=frozenset(m.as_peer() for m in lab.nodes if m.name != n.name),
+            rules=ObservedRules(iptables=True, last=lab.rules(n)),
         )
         for n in lab.nodes
     }
@@ -64,7 +66,14 @@ def observe(lab: LabPlan) -> ObservedLab:
         )
         for p in lab.pods
     }
-    return ObservedLab(lab.name, underlay=lab.underlay_netns, nodes=nodes, pods=pods)
+    assert lab.external is not None
+    return ObservedLab(
+        lab.name,
+        underlay=lab.underlay_netns,
+        external=(lab.external.netns, lab.external.fingerprint),
+        nodes=nodes,
+        pods=pods,
+    )
 
 
 def replan(t: Topology, observed: ObservedLab) -> Plan:
@@ -98,21 +107,23 @@ def test_plan_from_empty_builds_everything_in_order() -> None:
     p = plan(desired, ObservedLab("lab1"))
     assert p.counts() == {
         "CreateUnderlay": 1,
+        "CreateExternal": 1,
         "CreateNode": 3,
         "AddPeer": 3 * 2,
         "CreatePod": 4,
+        "SyncRules": 3,
         "StartResponder": 1,
     }
-    # underlay, then nodes, then peers, then pods (each pod's responder right after it)
+    # underlay and the external client, then nodes, peers, pods, kube-proxy's rules on every
+    # node (services or not), and last the responders
     assert kinds(p) == [
         "CreateUnderlay",
+        "CreateExternal",
         *["CreateNode"] * 3,
         *["AddPeer"] * 6,
-        "CreatePod",
-        "CreatePod",
-        "CreatePod",
+        *["CreatePod"] * 4,
+        *["SyncRules"] * 3,
         "StartResponder",
-        "CreatePod",
     ]
     assert p.steps[0] == CreateUnderlay("lab1", "nl-lab1-underlay")
     assert [s.node.name for s in p.steps if isinstance(s, CreateNode)] == ["node1", "node2", "node3"]
@@ -239,7 +250,7 @@ def test_adding_a_node_creates_it_and_its_peers_only() -> None:
     new = p.lab.node("node4")
     others = ["node1", "node2", "node3"]
     assert step_set(p) == (
-        {"CreateNode node node4"}
+        {"CreateNode node node4", "SyncRules node node4 iptables rules"}
         | {f"AddPeer node {o} -> {new.pod_cidr}" for o in others}
         | {f"AddPeer node node4 -> {old.node(o).pod_cidr}" for o in others}
     )
@@ -292,6 +303,7 @@ def test_half_built_node_is_replaced_with_its_pods() -> None:
         f"AddPeer node node1 -> {desired.node('node3').pod_cidr}",
         "CreatePod pod default/a1",
         "CreatePod pod default/a2",
+        "SyncRules node node1 iptables rules",
     }
     # deletes strictly before creates
     verbs = [s.verb for s in p.steps]
@@ -330,6 +342,7 @@ def test_changing_overlay_replaces_all_nodes_and_pods() -> None:
         "CreateNode": 3,
         "AddPeer": 6,
         "CreatePod": 4,
+        "SyncRules": 3,
         "StartResponder": 1,
     }
     deleted = [s.target for s in p.steps if isinstance(s, DeleteNetns)]
@@ -367,7 +380,7 @@ def test_netns_owned_by_another_lab_is_refused() -> None:
 def test_netns_of_other_labs_that_do_not_clash_are_fine() -> None:
     desired = resolve(topo(["node1"]))
     obs = ObservedLab("lab1", taken={"nl-lab2-node1": "lab2"})
-    assert kinds(plan(desired, obs)) == ["CreateUnderlay", "CreateNode"]
+    assert kinds(plan(desired, obs)) == ["CreateUnderlay", "CreateExternal", "CreateNode", "SyncRules"]
 
 
 # --- step descriptions ----------------------------------------------------------------------
@@ -409,5 +422,6 @@ def test_replacing_a_node_by_a_new_one_reuses_its_subnet(overlay: str) -> None:
         cidr = new.pod_cidr
         expected[1:1] = [f"DeletePeer node node2 -> {cidr}", f"DeletePeer node node3 -> {cidr}"]
         expected[5:5] = [f"AddPeer node node2 -> {cidr}", f"AddPeer node node3 -> {cidr}"]
+    expected.append("SyncRules node node4 iptables rules")
     assert sorted(targets(p)) == sorted(expected)
     assert [s.verb for s in p.steps].index("create") == sum(s.verb == "delete" for s in p.steps)
