@@ -237,6 +237,13 @@ def status(lab_name: str | None, output: str) -> None:
                 ",".join(map(str, p["processes"])) or "-",
             )
         out.print(t)
+        if d["services"]:
+            t = Table("SERVICE", "CLUSTER-IP", "PORT", "NODEPORT", "ENDPOINTS", box=None)
+            for sv in d["services"]:
+                name = f"{sv['namespace']}/{sv['name']}" + (f":{sv['portName']}" if sv["portName"] else "")
+                eps = ", ".join(e.split()[0] for e in sv["endpoints"]) or "<none>"
+                t.add_row(name, sv["clusterIP"], f"{sv['port']}/{sv['protocol']}", str(sv["nodePort"] or "-"), eps)
+            out.print(t)
         out.print(f"{len(d['links'])} links; `-o json` lists them")
 
 

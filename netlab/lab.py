@@ -318,7 +318,40 @@ def status(lab: str) -> dict[str, Any]:
                     "processes": procs.get(ino, []) if ino else [],
                 }
             )
-    return {"name": lab, "source": source, "underlay": underlay, "nodes": nodes, "pods": pods, "links": links}
+    return {
+        "name": lab,
+        "source": source,
+        "underlay": underlay,
+        "nodes": nodes,
+        "pods": pods,
+        "services": _services(lab, [n["name"] for n in nodes]),
+        "links": links,
+    }
+
+
+def _services(lab: str, nodes: list[str]) -> list[dict[str, Any]]:
+    """Services as kube-proxy was last told them (the same on every node), with endpoints."""
+    from netlab.kernel import rules_state
+
+    for node in nodes:
+        rp = rules_state.load(lab, node)
+        if rp is None:
+            continue
+        return [
+            {
+                "namespace": s.namespace,
+                "name": s.name,
+                "portName": s.port_name,
+                "protocol": str(s.protocol),
+                "clusterIP": str(s.cluster_ip),
+                "port": s.port,
+                "nodePort": s.node_port,
+                "proxyMode": str(rp.mode),
+                "endpoints": [f"{e.addr} ({e.pod} on {e.node})" for e in s.sorted_endpoints()],
+            }
+            for s in rp.services
+        ]
+    return []
 
 
 def _net(cidr: str | None) -> str | None:

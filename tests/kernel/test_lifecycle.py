@@ -46,7 +46,7 @@ def test_incremental_add_and_remove(make_lab: Any) -> None:
     lab.write(spec)
     plan = json.loads(lab.netlab("plan", str(lab.file), "-o", "json").stdout)
     kinds = sorted(s["kind"] for s in plan["steps"])
-    assert kinds == ["AddPeer"] * 4 + ["CreateNode", "CreatePod", "StartResponder"]
+    assert kinds == ["AddPeer"] * 4 + ["CreateNode", "CreatePod", "StartResponder", "SyncRules"]
     lab.up()
     after = _inodes(lab)
     assert {k: v for k, v in after.items() if k in before} == before, "existing namespaces were rebuilt"
@@ -158,7 +158,7 @@ def test_down_without_the_topology_file(make_lab: Any) -> None:
     lab.up()
     lab.file.unlink()
     r = lab.netlab("down", lab.name, "-o", "json")
-    assert len(json.loads(r.stdout)["netns"]) == 6
+    assert len(json.loads(r.stdout)["netns"]) == 7  # underlay, external, 2 nodes, 3 pods
     assert not lab.netns()
     assert "nothing to remove" in lab.netlab("down", lab.name).stdout
 
