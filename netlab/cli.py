@@ -274,6 +274,75 @@ def exec(lab_name: str | None, target: str, command: tuple[str, ...]) -> None:  
 
 
 @main.command()
+@_lab_option
+@click.argument("node")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tree", "save"]),
+    default="tree",
+    show_default=True,
+    help="tree: services -> chains -> endpoints with live counters; save: the kernel's own listing.",
+)
+@_output_option
+def rules(lab_name: str | None, node: str, fmt: str, output: str) -> None:
+    """Show kube-proxy's rules on NODE, as the kernel holds them.
+
+    \b
+    Examples:
+      sudo netlab rules node1                  # KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP -> DNAT, with counters
+      sudo netlab rules node1 --format save    # iptables-save / nft list table ip kube-proxy
+      sudo netlab rules --lab demo node2 -o json
+    """
+    lab.require_root("rules")
+    from netlab import inspect
+    from netlab.kernel import rules as krules
+    from netlab.kernel import rules_state
+
+    name = lab.find_lab(lab_name)
+    ns = lab.exec_target(name, node)
+    last = rules_state.load(name, node)
+    backend = last.iptables_backend if last else "auto"
+    tool = krules.IptablesTool(backend)
+    mode = "nftables" if krules.has_nft_table(ns) else "iptables"
+    if mode == "nftables":
+        text = krules.nft_list(ns)
+        tree = inspect.nft_tree(text)
+    else:
+        text = "".join(krules.iptables_save(ns, tool, counters=True, table=t) for t in ("filter", "nat"))
+        tree = inspect.iptables_tree(text)
+    if output == "json":
+        out.print_json(json.dumps({"lab": name, "node": node, "mode": mode, "save": text, **tree.as_dict()}))
+        return
+    if fmt == "save":
+        out.print(text, markup=False, highlight=False)
+        return
+    from rich.tree import Tree
+
+    root = Tree(f"[bold]{node}[/bold]: {mode} ({'KUBE-SERVICES' if mode == 'iptables' else 'service-ips map'})")
+
+    def add(branch: Tree, hop: inspect.Hop) -> None:
+        label = hop.target
+        if hop.what:
+            label = f"{hop.what} -> {label}"
+        if hop.probability is not None:
+            label = f"p={hop.probability:.4f} {label}"
+        if hop.packets is not None:
+            label = f"[dim]{hop.packets:>6} pkts[/dim] {label}"
+        sub = branch.add(label, highlight=False)
+        for c in hop.children:
+            add(sub, c)
+
+    for hop in tree.entries:
+        add(root, hop)
+    if tree.rejects:
+        rej = root.add("[bold]filter: no endpoints[/bold]")
+        for hop in tree.rejects:
+            add(rej, hop)
+    out.print(root)
+
+
+@main.command()
 def schema() -> None:
     """Print the topology file's JSON schema (for editor completion).
 

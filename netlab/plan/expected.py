@@ -29,12 +29,16 @@ def expected_state(lab: LabPlan) -> dict[str, ExpectedNetns]:
     under = out[lab.underlay_netns] = ExpectedNetns(sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
     under.links[naming.UNDERLAY_BRIDGE] = {"kind": "bridge", "master": None}
     if lab.external is not None:
-        e = lab.external
-        under.links[e.underlay_port] = {"kind": "veth", "mac": e.underlay_port_mac, "mtu": e.mtu,
-                                        "master": naming.UNDERLAY_BRIDGE}
-        ext = out[e.netns] = ExpectedNetns(sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
-        ext.links[naming.NODE_UPLINK] = {"kind": "veth", "mac": e.mac, "mtu": e.mtu, "master": None}
-        ext.addrs.add(f"{naming.NODE_UPLINK} {e.ip}")
+        x = lab.external
+        under.links[x.underlay_port] = {
+            "kind": "veth",
+            "mac": x.underlay_port_mac,
+            "mtu": x.mtu,
+            "master": naming.UNDERLAY_BRIDGE,
+        }
+        ext = out[x.netns] = ExpectedNetns(sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
+        ext.links[naming.NODE_UPLINK] = {"kind": "veth", "mac": x.mac, "mtu": x.mtu, "master": None}
+        ext.addrs.add(f"{naming.NODE_UPLINK} {x.ip}")
     for n in lab.nodes:
         under.links[n.underlay_port] = {
             "kind": "veth",
