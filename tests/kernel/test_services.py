@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,12 +68,23 @@ def spec(mode: str) -> dict[str, Any]:
             {"name": "self", "node": "node1", "labels": {"app": "self"}, "serve": [8080]},
         ],
         "services": [
-            {"name": "web", "selector": {"app": "web"},
-             "ports": [http, {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]},
-            {"name": "web-np", "type": "NodePort", "selector": {"app": "web"},
-             "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
-            {"name": "sticky", "selector": {"app": "web"}, "sessionAffinity": "ClientIP",
-             "ports": [{"port": 80, "targetPort": 8080}]},
+            {
+                "name": "web",
+                "selector": {"app": "web"},
+                "ports": [http, {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}],
+            },
+            {
+                "name": "web-np",
+                "type": "NodePort",
+                "selector": {"app": "web"},
+                "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}],
+            },
+            {
+                "name": "sticky",
+                "selector": {"app": "web"},
+                "sessionAffinity": "ClientIP",
+                "ports": [{"port": 80, "targetPort": 8080}],
+            },
             {"name": "empty", "selector": {"app": "nothing"}, "ports": [{"port": 80}]},
             {"name": "self", "selector": {"app": "self"}, "ports": [{"port": 80, "targetPort": 8080}]},
         ],
