@@ -155,6 +155,10 @@ def create_node(lab: str, underlay_ns: str, n: NodePlan, undo: Undo) -> None:
         eth0 = _lookup(ipr, naming.NODE_UPLINK)
         ipr.link("set", index=eth0, state="up", ifalias=alias)
         ipr.addr("add", index=eth0, address=str(n.ip.ip), prefixlen=n.ip.network.prefixlen)
+        # A real node has a default route (to its LAN's router). Without one, a packet to a
+        # ClusterIP that no rule DNATs (a Service without endpoints) fails the routing lookup
+        # with "network unreachable" before kube-proxy's REJECT in FORWARD could answer it.
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(n.router), oif=eth0, proto=RTPROT_BOOT)
         # bridge CNI: cni0 holds the gateway (.1) of the node's pod subnet; its MAC is pinned
         # so it does not change as ports come and go.
         ipr.link("add", ifname=naming.CNI_BRIDGE, kind="bridge", address=n.cni_mac, mtu=n.pod_mtu, state="up")

@@ -45,8 +45,6 @@ def _sync_iptables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
 
     tool = rules.IptablesTool(rp.iptables_backend)
     full = _full(rp, previous)
-    if full:
-        ensure_jumps(ns, tool, render.jump_rules(rp.context))
     have = rules.iptables_chains(ns, tool)
     want = render.service_chains(rp.context, rp.services)
     stale = {
@@ -62,6 +60,9 @@ def _sync_iptables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
         new = {s.spn: s for s in rp.services}
         only = {k for k in new if old.get(k) != new[k]}
     rules.apply_iptables(ns, tool, render.render_iptables(rp.context, rp.services, only=only, stale=stale))
+    if full:
+        # after the restore: a jump can only be inserted once its target chain exists
+        ensure_jumps(ns, tool, render.jump_rules(rp.context))
 
 
 def ensure_jumps(ns: str, tool: rules.IptablesTool, jumps: list[tuple[str, str, list[str]]]) -> None:

@@ -56,6 +56,7 @@ def expected_state(lab: LabPlan) -> dict[str, ExpectedNetns]:
         e.links[naming.NODE_UPLINK] = {"kind": "veth", "mac": n.mac, "mtu": n.mtu, "master": None}
         e.links[naming.CNI_BRIDGE] = {"kind": "bridge", "mac": n.cni_mac, "mtu": n.pod_mtu, "master": None}
         e.addrs |= {f"{naming.NODE_UPLINK} {n.ip}", f"{naming.CNI_BRIDGE} {n.gateway}"}
+        e.routes.add(f"default via {n.router} dev {naming.NODE_UPLINK}")
         if n.overlay == Overlay.VXLAN:
             dev = naming.vxlan_device(n.vni)
             e.links[dev] = {"kind": "vxlan", "mac": n.vtep_mac, "mtu": n.pod_mtu, "master": None}

@@ -64,6 +64,11 @@ class NodePlan:
         return IPv4Interface(f"{self.pod_cidr.network_address + 1}/{self.pod_cidr.prefixlen}")
 
     @property
+    def router(self) -> IPv4Address:
+        """The underlay's .1: the node's default gateway (no host answers there; the lab is sealed)."""
+        return self.ip.network.network_address + 1
+
+    @property
     def vtep_ip(self) -> IPv4Address:
         """flannel.<VNI> carries the subnet's network address as a /32."""
         return self.pod_cidr.network_address

@@ -115,6 +115,7 @@ class CreateNode:
         out = [
             f"netns {n.netns} (ip_forward=1, bridge-nf-call-iptables=1, IPv6 off)",
             f"veth {naming.NODE_UPLINK} {n.ip} <-> {self.underlay_netns}/{n.underlay_port} on {naming.UNDERLAY_BRIDGE}",
+            f"route default via {n.router} (the underlay's router)",
             f"bridge {naming.CNI_BRIDGE} {n.gateway} mtu {n.pod_mtu}",
         ]
         if n.overlay == Overlay.VXLAN:

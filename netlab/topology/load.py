@@ -14,7 +14,6 @@ import yaml
 from pydantic import ValidationError
 
 from netlab.errors import TopologyError
-from netlab.plan import naming
 from netlab.topology.schema import ServePort, Topology
 
 __all__ = ["load", "load_text"]
@@ -334,6 +333,8 @@ def check(topo: Topology, file: str) -> None:
             _check_serve(file, where, pod.serve)
 
     _check_services(topo, file)
+
+    from netlab.plan import naming  # here: netlab.plan imports the topology model
 
     # Every node and pod becomes a netns named nl-<lab>-<node> / nl-<lab>-<namespace>-<pod>,
     # beside nl-<lab>-underlay and nl-<lab>-external: two of them must not share a name.
