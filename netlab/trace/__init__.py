@@ -17,11 +17,12 @@ class TraceResult:
     """Where a new connection ends up.
 
     endpoints: None when no rule touched the packet (it passes as sent). Otherwise every
-      reachable outcome in rule order, without repeats: "ip:port" for a DNAT to an endpoint
+      reachable outcome without repeats, delivered packets first in rule order, then refusals:
+      "ip:port" for a DNAT to an endpoint
       (random endpoint choice is traced down every branch, so all endpoints appear),
       "REJECT" or "DROP" for a packet the rules refuse, and "ACCEPT" for a branch that passed
       untouched while another branch did not (a broken endpoint choice shows up this way).
-    masq: the packet is masqueraded (SNAT to the node) on at least one branch.
+    masq: the packet is masqueraded (SNAT to the node) on at least one branch that is not refused.
     matched: the rules that matched, in order (for error messages and debugging).
     """
 

@@ -1,4 +1,5 @@
 """The rules tree read from `iptables-save -c` output (the kernel's own listing)."""
+# ruff: noqa: E501  (the listing is verbatim iptables-save output)
 
 from __future__ import annotations
 
