@@ -76,10 +76,18 @@ def ensure_jumps(ns: str, tool: rules.IptablesTool, jumps: list[tuple[str, str, 
 def _sync_nftables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
     from netlab.render import nftables as render
 
-    prev_state = (
-        None if _full(rp, previous) or previous is None else render.nft_state(previous.context, previous.services)
-    )
-    rules.apply_nft(ns, render.render_nftables(rp.context, rp.services, previous=prev_state))
+    if _full(rp, previous) or previous is None:
+        # A full sync must not inherit chains or elements it does not know about (a previous
+        # netlab version, a hand edit): drop the table and build it anew in the same atomic
+        # transaction, so traffic never sees a half-built table.
+        script = "add table ip kube-proxy\ndelete table ip kube-proxy\n" + render.render_nftables(
+            rp.context, rp.services
+        )
+    else:
+        prev_state = render.nft_state(previous.context, previous.services)
+        script = render.render_nftables(rp.context, rp.services, previous=prev_state)
+    if script:
+        rules.apply_nft(ns, script)
 
 
 def cleanup(ns: str, mode: str, *, previous_backend: str = "auto") -> None:
