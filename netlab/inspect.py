@@ -164,9 +164,14 @@ def nft_tree(listing: str) -> ServiceTree:
                 hops.append(Hop(chain, target, children=[Hop(target, f"DNAT {dnat.group(1)}")] if dnat else []))
         return hops
 
+    def elements(name: str) -> str:
+        text = " ".join(maps.get(name, []))
+        start = text.find("elements = {")
+        return text[start + len("elements = {") : text.rfind("}")] if start >= 0 else ""
+
     entries = []
     for name in ("service-ips", "service-nodeports"):
-        text = " ".join(maps.get(name, []))
+        text = elements(name)
         for key, _, target in re.findall(
             r"([\w.]+(?: \. [\w.]+)+)\s*(?:comment \"[^\"]*\"\s*)?:\s*(goto|jump) ([^\s,}]+)", text
         ):
@@ -178,9 +183,8 @@ def nft_tree(listing: str) -> ServiceTree:
             entries.append(hop)
     rejects = []
     for name in ("no-endpoint-services", "no-endpoint-nodeports"):
-        text = " ".join(maps.get(name, []))
-        for key, target in re.findall(
-            r"([\w.]+(?: \. [\w.]+)+)\s*(?:comment \"[^\"]*\"\s*)?:\s*(?:goto )?([^\s,}]+)", text
-        ):
-            rejects.append(Hop(name, target, key))
+        text = elements(name)
+        pattern = r"([\w.]+(?: \. [\w.]+)+)\s*(?:comment \"([^\"]*)\"\s*)?:\s*(?:goto )?([^\s,}]+)"
+        for key, comment, target in re.findall(pattern, text):
+            rejects.append(Hop(name, target, f'"{comment}" {key}' if comment else key))
     return ServiceTree("nftables", entries, rejects)

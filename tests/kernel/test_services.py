@@ -218,3 +218,31 @@ def test_kernel_holds_exactly_the_rendered_rules(lab: Lab) -> None:
         mode = str(rp.mode)
         render = (render_iptables if mode == "iptables" else render_nftables)(rp.context, rp.services)
         assert _save(f"nl-{lab.name}-{node}", mode) == _scratch_readback(render, mode)
+
+
+def _dnats(hop: dict[str, Any]) -> list[dict[str, Any]]:
+    if hop["target"].startswith("DNAT "):
+        return [hop]
+    return [d for c in hop.get("children", []) for d in _dnats(c)]
+
+
+def test_rules_command_shows_the_path_to_every_endpoint(lab: Lab) -> None:
+    svc = services(lab)["self:80"]
+    before = json.loads(lab.netlab("rules", "--lab", lab.name, "node1", "-o", "json").stdout)
+    connect(lab, "c1", svc["clusterIP"], 80, count=3)
+    after = json.loads(lab.netlab("rules", "--lab", lab.name, "node1", "-o", "json").stdout)
+    mode = after["mode"]
+    assert mode == lab.spec["cluster"]["proxyMode"]
+    self_ip = next(p["ip"] for p in lab.status()["pods"] if p["name"] == "self")
+
+    def entry(tree: dict[str, Any]) -> dict[str, Any]:
+        key = svc["clusterIP"] if mode == "iptables" else f"{svc['clusterIP']} . tcp . 80"
+        return next(e for e in tree["services"] if key in e.get("match", ""))
+
+    dnats = _dnats(entry(after))
+    assert [d["target"] for d in dnats] == [f"DNAT {self_ip}:8080"]
+    if mode == "iptables":  # nftables rules carry no counters in kube-proxy's layout
+        assert _dnats(entry(after))[0]["packets"] - _dnats(entry(before))[0]["packets"] == 3
+    assert any("empty" in r.get("match", "") or r["target"] == "REJECT" for r in after["rejects"])
+    save = lab.netlab("rules", "--lab", lab.name, "node1", "--format", "save").stdout
+    assert ("KUBE-SERVICES" in save) if mode == "iptables" else ("table ip kube-proxy" in save)
