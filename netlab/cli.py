@@ -69,7 +69,9 @@ def _print_plan(p: Any) -> None:
         out.print(f"lab [bold]{p.lab.name}[/bold]: no change (the kernel already matches the topology)")
         return
     for step in p.steps:
-        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}[step.verb]
+        sign = {"create": "[green]+[/green]", "start": "[green]+[/green]", "delete": "[red]-[/red]"}.get(
+            step.verb, "[yellow]~[/yellow]"
+        )
         out.print(f"{sign} {step.verb} {step.target}")
         for obj in step.objects():
             out.print(f"    {obj}")
