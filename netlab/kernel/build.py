@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -136,25 +137,9 @@ def create_node(lab: str, underlay_ns: str, n: NodePlan, undo: Undo) -> None:
         },
         undo,
     )
-    # The node's uplink: created in the underlay with its peer placed straight into the node
-    # netns under its final name (no temporary names in a shared namespace).
-    with _netlink(underlay_ns, f"create veth {n.underlay_port} <-> {n.netns}/eth0") as ipr:
-        br = _lookup(ipr, naming.UNDERLAY_BRIDGE)
-        ipr.link(
-            "add",
-            ifname=n.underlay_port,
-            kind="veth",
-            address=n.underlay_port_mac,
-            mtu=n.mtu,
-            master=br,
-            state="up",
-            peer={"ifname": naming.NODE_UPLINK, "net_ns_fd": n.netns, "address": n.mac, "mtu": n.mtu},
-        )
-        ipr.link("set", index=_lookup(ipr, n.underlay_port), ifalias=alias)
+    _uplink(lab, underlay_ns, n.underlay_port, n.underlay_port_mac, n.netns, n.mac, n.ip, n.mtu)
     with _netlink(n.netns, f"configure node {n.name}") as ipr:
         eth0 = _lookup(ipr, naming.NODE_UPLINK)
-        ipr.link("set", index=eth0, state="up", ifalias=alias)
-        ipr.addr("add", index=eth0, address=str(n.ip.ip), prefixlen=n.ip.network.prefixlen)
         # A real node has a default route (to its LAN's router). Without one, a packet to a
         # ClusterIP that no rule DNATs (a Service without endpoints) fails the routing lookup
         # with "network unreachable" before kube-proxy's REJECT in FORWARD could answer it.
@@ -188,25 +173,35 @@ def create_node(lab: str, underlay_ns: str, n: NodePlan, undo: Undo) -> None:
     _finish_mark(n.netns, naming.netns_mark(lab, "node", n.name, n.fingerprint))
 
 
+def _uplink(
+    lab: str, underlay_ns: str, port: str, port_mac: str, ns: str, mac: str, ip: IPv4Interface, mtu: int
+) -> None:
+    """A host's link to the underlay: a veth created in the underlay (the port on br0, named
+    after the host) with its peer placed straight into the host's netns as `eth0` under its
+    final name (no temporary names in a shared namespace), then eth0 up with its address."""
+    alias = naming.link_alias(lab)
+    with _netlink(underlay_ns, f"create veth {port} <-> {ns}/eth0") as ipr:
+        ipr.link(
+            "add",
+            ifname=port,
+            kind="veth",
+            address=port_mac,
+            mtu=mtu,
+            master=_lookup(ipr, naming.UNDERLAY_BRIDGE),
+            state="up",
+            peer={"ifname": naming.NODE_UPLINK, "net_ns_fd": ns, "address": mac, "mtu": mtu},
+        )
+        ipr.link("set", index=_lookup(ipr, port), ifalias=alias)
+    with _netlink(ns, "configure eth0") as ipr:
+        eth0 = _lookup(ipr, naming.NODE_UPLINK)
+        ipr.link("set", index=eth0, state="up", ifalias=alias)
+        ipr.addr("add", index=eth0, address=str(ip.ip), prefixlen=ip.network.prefixlen)
+
+
 def create_external(lab: str, underlay_ns: str, e: ExternalPlan, undo: Undo) -> None:
     """A client outside every node: one veth on the underlay, like a laptop on the node LAN."""
     _new_netns(lab, e.netns, naming.netns_mark(lab, "external", "client", "-"), _NO_IPV6, undo)
-    with _netlink(underlay_ns, f"create veth {e.underlay_port} <-> {e.netns}/eth0") as ipr:
-        ipr.link(
-            "add",
-            ifname=e.underlay_port,
-            kind="veth",
-            address=e.underlay_port_mac,
-            mtu=e.mtu,
-            master=_lookup(ipr, naming.UNDERLAY_BRIDGE),
-            state="up",
-            peer={"ifname": naming.NODE_UPLINK, "net_ns_fd": e.netns, "address": e.mac, "mtu": e.mtu},
-        )
-        ipr.link("set", index=_lookup(ipr, e.underlay_port), ifalias=naming.link_alias(lab))
-    with _netlink(e.netns, "configure the external client") as ipr:
-        eth0 = _lookup(ipr, naming.NODE_UPLINK)
-        ipr.link("set", index=eth0, state="up", ifalias=naming.link_alias(lab))
-        ipr.addr("add", index=eth0, address=str(e.ip.ip), prefixlen=e.ip.network.prefixlen)
+    _uplink(lab, underlay_ns, e.underlay_port, e.underlay_port_mac, e.netns, e.mac, e.ip, e.mtu)
     _finish_mark(e.netns, naming.netns_mark(lab, "external", "client", e.fingerprint))
 
 
