@@ -264,3 +264,12 @@ def test_changed_pod_and_overlay_are_replaced_in_place(make_lab: Any) -> None:
     )
     assert lab.exec("a1", "nc", "-w", "2", lab.pod_ip("b1"), "8081", input="").stdout.strip() == "b1"
     assert "no change" in lab.up().stdout
+
+
+def test_ipvs_mode_is_refused_before_anything_is_built(make_lab: Any) -> None:
+    spec = two_nodes()
+    spec["cluster"]["proxyMode"] = "ipvs"
+    lab = make_lab(spec)
+    r = lab.up(check=False)
+    assert r.returncode == 3 and "cluster.proxyMode: ipvs" in r.stderr and "use iptables or nftables" in r.stderr
+    assert not lab.netns()
