@@ -401,5 +401,69 @@ def bench_bringup(pods: str, nodes: int, no_baseline: bool, out_file: str | None
     b.check(data)
 
 
+@bench.command("services")
+@click.option(
+    "--services", "sizes", default="1000,5000,10000", show_default=True, metavar="N[,N...]",
+    help="Service counts to run (3 endpoints each).",
+)  # fmt: skip
+@click.option(
+    "--connections", default=300, show_default=True, type=click.IntRange(200, 100000),
+    help="New TCP connections to each of the first and the last service (latency).",
+)  # fmt: skip
+@click.option(
+    "--repeat", default=3, show_default=True, type=click.IntRange(1, 20), help="Runs per full-programming timing."
+)
+@click.option(
+    "--cap", default=10.0, show_default=True, type=click.FloatRange(0),
+    help="Stop repeating a timing once its runs add up to this many seconds.",
+)  # fmt: skip
+@click.option(
+    "--changes", default=5, show_default=True, type=click.IntRange(1, 50), help="One-service changes (each undone)."
+)
+@click.option("--no-legacy", is_flag=True, help="Skip iptables with the legacy backend.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write results (JSON) to FILE.")
+@_output_option
+def bench_services(
+    sizes: str,
+    connections: int,
+    repeat: int,
+    cap: float,
+    changes: int,
+    no_legacy: bool,
+    out_file: str | None,
+    output: str,
+) -> None:
+    """Time kube-proxy's rules on one node with N services x 3 endpoints, per proxy mode.
+
+    Full programming (against the bare iptables-restore / nft -f of the same payload), a
+    one-service change, and the first-connection latency to the first and the last service
+    in KUBE-SERVICES. Builds the lab `bsvc` and removes it. See docs/benchmarks.md.
+
+    \b
+    Example:
+      sudo netlab bench services --services 1000,5000,10000 --out services.json
+    """
+    from netlab import bench_services as bs
+
+    data = bs.services(
+        bs.parse_sizes(sizes),
+        connections=connections,
+        repeat=repeat,
+        cap=cap,
+        changes=changes,
+        legacy=not no_legacy,
+        log=lambda m: err.print(m, markup=False),
+        command=" ".join(["netlab bench services", *sys.argv[sys.argv.index("services") + 1 :]]),
+    )
+    if out_file:
+        with open(out_file, "w") as f:
+            json.dump(data, f, indent=2)
+    if output == "json":
+        out.print_json(json.dumps(data))
+    else:
+        bs.print_tables(data, out)
+    bs.check(data)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
