@@ -391,14 +391,25 @@ def bench_bringup(pods: str, nodes: int, no_baseline: bool, out_file: str | None
         log=lambda m: err.print(m, markup=False),
         command=" ".join(["netlab bench bringup", *sys.argv[sys.argv.index("bringup") + 1 :]]),
     )
+    _bench_report(data, out_file, output, b.print_table, b.check)
+
+
+def _bench_report(
+    data: dict[str, Any],
+    out_file: str | None,
+    output: str,
+    table: Callable[[dict[str, Any], Console], None],
+    check: Callable[[dict[str, Any]], None],
+) -> None:
+    """Write a benchmark's results (file, JSON or tables), then fail if any of its checks failed."""
     if out_file:
         with open(out_file, "w") as f:
             json.dump(data, f, indent=2)
     if output == "json":
         out.print_json(json.dumps(data))
     else:
-        b.print_table(data, out)
-    b.check(data)
+        table(data, out)
+    check(data)
 
 
 @bench.command("services")
@@ -455,14 +466,7 @@ def bench_services(
         log=lambda m: err.print(m, markup=False),
         command=" ".join(["netlab bench services", *sys.argv[sys.argv.index("services") + 1 :]]),
     )
-    if out_file:
-        with open(out_file, "w") as f:
-            json.dump(data, f, indent=2)
-    if output == "json":
-        out.print_json(json.dumps(data))
-    else:
-        bs.print_tables(data, out)
-    bs.check(data)
+    _bench_report(data, out_file, output, bs.print_tables, bs.check)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -285,6 +285,7 @@ def status(lab: str) -> dict[str, Any]:
     pods: list[dict[str, Any]] = []
     links: list[dict[str, Any]] = []
     underlay = None
+    external: dict[str, Any] | None = None
     for ns, (_, role, ident, fp) in sorted(marks.items()):
         st = observe.read_state(ns)
         complete = fp != "-"  # the fingerprint is written last: "-" means interrupted mid-build
@@ -295,6 +296,8 @@ def status(lab: str) -> dict[str, Any]:
         addr = dict(a.split(" ", 1) for a in st.addrs)
         if role == "underlay":
             underlay = ns
+        elif role == "external":
+            external = {"netns": ns, "ip": addr.get("eth0")}
         elif role == "node":
             nodes.append(
                 {
@@ -327,6 +330,7 @@ def status(lab: str) -> dict[str, Any]:
         "name": lab,
         "source": source,
         "underlay": underlay,
+        "external": external,
         "nodes": nodes,
         "pods": pods,
         "services": _services(lab, [n["name"] for n in nodes]),

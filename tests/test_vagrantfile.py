@@ -21,7 +21,6 @@ def test_vagrant_validate(tmp_path: Path) -> None:
     r = subprocess.run(["vagrant", "validate"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "validated successfully" in r.stdout
-    assert not (REPO / ".vagrant").exists() or (REPO / ".vagrant").is_dir()
 
 
 def test_vagrantfile_forwards_nothing() -> None:

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Interface
-from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -27,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netlab.errors import FeatureError, KernelError
 from netlab.kernel import netns, rtnl
 from netlab.kernel.observe import processes_by_netns
+from netlab.kernel.rules_state import STATE_DIR
 from netlab.plan import naming
 from netlab.plan.model import ExternalPlan, NodePlan, Peer, PodPlan
 from netlab.topology.schema import Overlay
@@ -44,7 +44,6 @@ __all__ = [
     "stop_processes",
 ]
 
-STATE_DIR = Path("/run/netlab")
 Undo = list[Callable[[], None]]
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
@@ -68,12 +67,12 @@ def _netlink(ns: str, what: str) -> Iterator[IPRoute]:
         raise KernelError(what, ns, errno.ENOENT, "the namespace is gone") from exc
 
 
-def journal(lab: str, line: str) -> None:
+def journal(lab: str, *lines: str) -> None:
     """Append to the lab's journal before creating something (read by `down` after a crash)."""
     d = STATE_DIR / lab
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "journal", "a") as f:
-        f.write(line + "\n")
+        f.writelines(line + "\n" for line in lines)
 
 
 def _lookup(ipr: IPRoute, ifname: str) -> int:
@@ -299,10 +298,7 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
             nl.addr_add(POD_ETH0_INDEX, p.ip.ip, p.ip.network.prefixlen)
             nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=POD_ETH0_INDEX)
             nl.commit()
-        d = STATE_DIR / lab
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / "journal", "a") as f:
-            f.writelines(f"netns {p.netns}\n" for p, _, _ in staged)
+        journal(lab, *(f"netns {p.netns}" for p, _, _ in staged))
         for p, fd, _ in staged:
             with netns.signals_deferred():
                 try:

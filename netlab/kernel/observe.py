@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -273,11 +272,3 @@ def read_state(name: str) -> NetnsState:
             if val is not None:
                 st.sysctls[key] = val
     return st
-
-
-def responders(procs: dict[tuple[int, int], list[int]], names: Iterable[str]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for name in names:
-        ino = netns.inode(name)
-        out[name] = [p for p in procs.get(ino, []) if _is_responder(p)] if ino else []
-    return out

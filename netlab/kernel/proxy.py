@@ -17,8 +17,6 @@ from netlab.topology.schema import ProxyMode
 
 __all__ = ["cleanup", "sync"]
 
-Undo = list  # list[Callable[[], None]], as in build.Undo
-
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
 

@@ -25,6 +25,9 @@ def _inodes(lab: Lab) -> dict[str, tuple[int, int] | None]:
 def test_second_up_changes_nothing(make_lab: Any) -> None:
     lab = make_lab(two_nodes())
     lab.up()
+    st = lab.status()
+    assert sorted(p["name"] for p in st["pods"]) == ["a1", "a2", "b1"]  # the external client is not a pod
+    assert st["external"]["ip"] == "172.18.0.254/24"
     before = _inodes(lab)
     r = lab.up()
     assert "no change" in r.stdout
