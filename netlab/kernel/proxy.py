@@ -60,7 +60,27 @@ def _sync_iptables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
     rules.apply_iptables(ns, tool, render.render_iptables(rp.context, rp.services, only=only, stale=stale))
     if full:
         # after the restore: a jump can only be inserted once its target chain exists
-        ensure_jumps(ns, tool, render.jump_rules(rp.context))
+        jumps = render.jump_rules(rp.context)
+        if "KUBE-SERVICES" not in have.get("nat", set()):
+            # a node that had none of kube-proxy's chains has none of its jumps either: insert
+            # them all in one restore (same `-I 1` order) instead of two iptables runs per jump
+            rules.apply_iptables(ns, tool, _insert_payload(jumps))
+        else:
+            ensure_jumps(ns, tool, jumps)
+
+
+def _insert_payload(jumps: list[tuple[str, str, list[str]]]) -> str:
+    """`iptables-restore --noflush` input that inserts each jump at the top of its chain, in order."""
+    lines: list[str] = []
+    for table in dict.fromkeys(t for t, _, _ in jumps):
+        lines.append(f"*{table}")
+        lines += [f"-I {chain} 1 " + " ".join(_quote(a) for a in args) for t, chain, args in jumps if t == table]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg or not arg else arg
 
 
 def ensure_jumps(ns: str, tool: rules.IptablesTool, jumps: list[tuple[str, str, list[str]]]) -> None:

@@ -106,3 +106,32 @@ def test_switching_proxy_mode_keeps_the_pods(make_lab: Any, first: str, second: 
             assert '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in ipt
     assert set(_hit(lab, "web", 20)) == {"web-0", "web-1", "web-2"}
     assert "no change" in lab.up().stdout
+
+
+def test_batched_jump_insert_equals_kube_proxys_ensure_rule() -> None:
+    """On a fresh node the jumps go in with one restore; the result must be what kube-proxy's
+    one-by-one EnsureRule(Prepend) gives (same rules, same order in every built-in chain)."""
+    import os
+    from ipaddress import IPv4Address, IPv4Network
+
+    from netlab.kernel import proxy, rules
+    from netlab.render.iptables import jump_rules, render_iptables
+    from netlab.render.model import NodeContext
+
+    ctx = NodeContext("n", (IPv4Address("172.18.0.2"),), IPv4Network("10.244.0.0/16"))
+    tool = rules.IptablesTool("auto")
+    saves = []
+    for way in ("batch", "ensure"):
+        ns = f"nl-jumps-{way}-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        try:
+            rules.apply_iptables(ns, tool, render_iptables(ctx, []))
+            if way == "batch":
+                rules.apply_iptables(ns, tool, proxy._insert_payload(jump_rules(ctx)))
+            else:
+                proxy.ensure_jumps(ns, tool, jump_rules(ctx))
+            saves.append([line for line in rules.iptables_save(ns, tool).splitlines() if line.startswith("-A")])
+        finally:
+            subprocess.run(["ip", "netns", "del", ns], check=True)
+    assert saves[0] == saves[1]
+    assert any(line.startswith("-A PREROUTING") and "KUBE-SERVICES" in line for line in saves[0])
