@@ -153,14 +153,20 @@ def observe_lab(lab: str, vni: int = 1, marks: dict[str, tuple[str, str, str, st
 
 
 def observe_rules(lab: str, node: str, ns: str) -> ObservedRules:
-    """Which kube-proxy modes the node's kernel holds, and what netlab last programmed there."""
+    """Which kube-proxy rule sets the node's kernel holds, and what netlab last programmed there.
+
+    Both iptables backends are asked (a switch of iptablesBackend must remove the other one's
+    rules), each with one small listing rather than an `iptables-save` (see has_kube_services)."""
     last = rules_state.load(lab, node)
-    tool = rules.IptablesTool(last.iptables_backend if last else "auto")
-    chains = rules.iptables_chains(ns, tool)
+    recorded = rules.IptablesTool(last.iptables_backend if last else "auto")
+    held = {b: rules.has_kube_services(ns, rules.IptablesTool(b)) for b in ("nft", "legacy")}
     return ObservedRules(
-        iptables="KUBE-SERVICES" in chains.get("nat", set()),
+        iptables=held[recorded.concrete],
         nftables=rules.has_nft_table(ns),
         last=last,
+        iptables_leftovers=tuple(
+            ObservedRules.iptables_rule_set(b) for b, there in held.items() if there and b != recorded.concrete
+        ),
     )
 
 

@@ -2,29 +2,38 @@
 
 Rules go in the way kube-proxy puts them in: the whole desired state in one atomic
 transaction per node, `iptables-restore --noflush` (the iptables backend the system's
-`iptables` uses, nft on Debian 12, or legacy when chosen) or `nft -f`. The tools run inside
+`iptables` uses, nft on Debian 12, or legacy when chosen; a whole-table restore without
+--noflush where the tables hold nothing else, see netlab.kernel.proxy) or `nft -f`. The tools run inside
 the node's network namespace (`nsenter --net`), so every table they touch is the node's own.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import re
+import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pyroute2.nftables.main import NFTables
 
 from netlab.errors import FeatureError, KernelError
 from netlab.kernel import netns
 
 __all__ = [
     "IptablesTool",
+    "SavedTable",
     "apply_iptables",
     "apply_nft",
     "delete_nft_table",
+    "has_kube_services",
     "has_nft_table",
     "iptables_chains",
     "iptables_save",
+    "iptables_tables",
     "nft_list",
+    "parse_iptables_save",
     "run",
 ]
 
@@ -56,6 +65,21 @@ class IptablesTool:
     def iptables(self) -> str:
         return self._name("iptables")
 
+    @property
+    def concrete(self) -> str:
+        """The backend these binaries write: "nft" or "legacy" ("auto" asks the system's `iptables`)."""
+        return _auto_backend() if self.backend == "auto" else self.backend
+
+
+@functools.cache
+def _auto_backend() -> str:
+    """What `iptables` is on this system (Debian's alternatives): `iptables v1.8.9 (nf_tables)`."""
+    try:
+        r = subprocess.run(["iptables", "--version"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise FeatureError("iptables is not installed; run `sudo scripts/setup`") from None
+    return "legacy" if "(legacy)" in r.stdout else "nft"
+
 
 def run(ns: str, argv: list[str], *, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a tool inside netns `ns` (only the network namespace changes)."""
@@ -78,14 +102,18 @@ def _context(payload: str, line: int, around: int = 3) -> str:
     return "\n".join(f"{'>' if i + 1 == line else ' '}{i + 1:6d}  {lines[i]}" for i in range(lo, hi))
 
 
-def apply_iptables(ns: str, tool: IptablesTool, payload: str) -> None:
-    """One `iptables-restore --noflush --counters` of the whole payload: all or nothing."""
-    r = run(ns, [tool.restore, "-w", "5", "--noflush", "--counters"], stdin=payload, check=False)
+def apply_iptables(ns: str, tool: IptablesTool, payload: str, *, noflush: bool = True) -> None:
+    """One `iptables-restore --counters` of the whole payload: all or nothing (one transaction per
+    table). With --noflush (kube-proxy's way) only the chains the payload names change; without
+    it each table the payload names is flushed and replaced whole, builtin chains included."""
+    flags = ["--noflush"] if noflush else []
+    r = run(ns, [tool.restore, "-w", "5", *flags, "--counters"], stdin=payload, check=False)
     if r.returncode != 0:
         # kube-proxy's way: show the lines around the one the kernel refused
         m = re.search(r"line:? (\d+)", r.stderr)
         where = f"\n{_context(payload, int(m.group(1)))}" if m else ""
-        raise KernelError(f"{tool.restore} --noflush", ns, None, r.stderr.strip().splitlines()[0] + where)
+        what = " ".join([tool.restore, *flags])
+        raise KernelError(what, ns, None, (r.stderr.strip().splitlines() or [""])[0] + where)
 
 
 def iptables_save(ns: str, tool: IptablesTool, *, counters: bool = False, table: str | None = None) -> str:
@@ -106,6 +134,61 @@ def iptables_chains(ns: str, tool: IptablesTool) -> dict[str, set[str]]:
     return out
 
 
+@dataclass
+class SavedTable:
+    """One table as `iptables-save` prints it: chain -> policy ("-" for a user-defined chain,
+    else the builtin chain's policy) and the `-A` rule lines, both in the order printed."""
+
+    chains: dict[str, str] = field(default_factory=dict)
+    rules: list[str] = field(default_factory=list)
+
+
+def parse_iptables_save(text: str) -> dict[str, SavedTable]:
+    """table -> SavedTable. Counters (`-c`) are not expected."""
+    out: dict[str, SavedTable] = {}
+    table = SavedTable()
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = out.setdefault(line[1:], SavedTable())
+        elif line.startswith(":"):
+            name, policy = line[1:].split(" ", 2)[:2]
+            table.chains[name] = policy
+        elif line.startswith("-A "):
+            table.rules.append(line)
+    return out
+
+
+def iptables_tables(ns: str, tool: IptablesTool) -> dict[str, SavedTable]:
+    """Every table the backend has in the node (one `iptables-save`), parsed."""
+    return parse_iptables_save(iptables_save(ns, tool))
+
+
+def _legacy_tables(ns: str) -> set[str]:
+    """The legacy (x_tables) tables that exist in netns `ns`. Read from the kernel's own list: any
+    `iptables-legacy` command, a listing included, would create the table it names there."""
+    with netns.inside(ns):
+        try:
+            with open("/proc/thread-self/net/ip_tables_names") as f:
+                return set(f.read().split())
+        except FileNotFoundError:  # ip_tables is not loaded: no legacy table anywhere
+            return set()
+
+
+def has_kube_services(ns: str, tool: IptablesTool) -> bool:
+    """Whether kube-proxy's nat KUBE-SERVICES is in effect in this backend, without reading the
+    table (an `iptables-save` of 10k services takes a second): nat PREROUTING is listed, and a
+    jump to KUBE-SERVICES there proves the chain exists, since the kernel refuses to delete a
+    chain that a rule still references (EBUSY). A missing jump reads as no rules, which gets
+    the node a full sync: the one that puts the jump back."""
+    if tool.concrete == "legacy" and "nat" not in _legacy_tables(ns):
+        return False
+    try:
+        r = run(ns, [tool.iptables, "-w", "5", "-t", "nat", "-S", "PREROUTING"], check=False)
+    except FeatureError:  # this backend's tools are not installed: netlab wrote nothing with them
+        return False
+    return r.returncode == 0 and any(line.endswith(" -j KUBE-SERVICES") for line in r.stdout.splitlines())
+
+
 def apply_nft(ns: str, script: str) -> None:
     r = run(ns, ["nft", "-f", "-"], stdin=script, check=False)
     if r.returncode != 0:
@@ -116,8 +199,13 @@ def apply_nft(ns: str, script: str) -> None:
 
 
 def has_nft_table(ns: str) -> bool:
-    r = run(ns, ["nft", "list", "tables", "ip"], check=False)
-    return r.returncode == 0 and f"table {NFT_TABLE[0]} {NFT_TABLE[1]}" in r.stdout
+    """Whether `table ip kube-proxy` exists: one netlink dump of the netns' ip tables. (`nft list
+    tables` first fills its cache with every chain and rule: 3 s on a node holding 10k services
+    in iptables-nft, whose tables are nf_tables tables too.)"""
+    with netns.inside(ns):
+        nft = NFTables(nfgen_family=socket.AF_INET)  # the socket stays in the netns it was made in
+    with nft:
+        return any(t.get("NFTA_TABLE_NAME") == NFT_TABLE[1] for t in nft.get_tables())
 
 
 def nft_list(ns: str) -> str:

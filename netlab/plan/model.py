@@ -210,11 +210,29 @@ class ObservedNode:
 @dataclass
 class ObservedRules:
     """kube-proxy state on a node: which modes' objects the kernel holds, and what netlab last
-    programmed there (from its state file, trusted only while the kernel still agrees)."""
+    programmed there (from its state file, trusted only while the kernel still agrees).
 
-    iptables: bool = False  # nat KUBE-SERVICES exists
+    iptables has two backends with separate rule sets in the kernel (x_tables for legacy,
+    nf_tables tables for nft); a rule set is named like its tool: "iptables" (the system's
+    backend, iptablesBackend auto), "iptables-nft", "iptables-legacy"; nftables mode is "nftables".
+    """
+
+    iptables: bool = False  # nat KUBE-SERVICES is in effect, in the backend `last` used (auto without it)
     nftables: bool = False  # table ip kube-proxy exists
     last: RulesPlan | None = None
+    # the other iptables backend's rule set when it holds kube-proxy's rules too (an
+    # iptablesBackend switch left them): e.g. ("iptables-legacy",)
+    iptables_leftovers: tuple[str, ...] = ()
+
+    @staticmethod
+    def iptables_rule_set(backend: str) -> str:
+        """The rule set an iptablesBackend writes: "auto" -> "iptables", "legacy" -> "iptables-legacy"."""
+        return "iptables" if backend == "auto" else f"iptables-{backend}"
+
+    @staticmethod
+    def iptables_backend_of(rule_set: str) -> str:
+        """The inverse of iptables_rule_set."""
+        return rule_set.partition("-")[2] or "auto"
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netlab.errors import LabError
-from netlab.plan.model import LabPlan, ObservedLab, Peer
+from netlab.plan.model import LabPlan, ObservedLab, ObservedRules, Peer, RulesPlan
 from netlab.plan.steps import (
     AddPeer,
     CreateExternal,
@@ -24,6 +24,7 @@ from netlab.plan.steps import (
     Step,
     SyncRules,
 )
+from netlab.topology.schema import ProxyMode
 
 __all__ = ["Plan", "plan"]
 
@@ -111,7 +112,7 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
         want_rules = desired.rules(node)
         obs_rules = kept[node.name].rules if node.name in kept else None
         present = {"iptables": obs_rules.iptables, "nftables": obs_rules.nftables} if obs_rules else {}
-        cleanup = tuple(m for m, there in present.items() if there and m != str(want_rules.mode))
+        cleanup = _rules_cleanup(want_rules, obs_rules) if obs_rules else ()
         last = obs_rules.last if obs_rules and present.get(str(want_rules.mode)) else None
         if last is not None and (last.mode != want_rules.mode or last.iptables_backend != want_rules.iptables_backend):
             last = None
@@ -121,6 +122,21 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
     creates += responders
 
     return Plan(desired, tuple(removes + creates))
+
+
+def _rules_cleanup(want: RulesPlan, obs: ObservedRules) -> tuple[str, ...]:
+    """The rule sets to remove before `want` is synced (ObservedRules names them): another
+    proxyMode's, and within iptables mode another backend's, whose rules would stay in effect
+    next to the new ones (both backends' hooks see every packet)."""
+    recorded = ObservedRules.iptables_rule_set(obs.last.iptables_backend if obs.last else "auto")
+    wanted = ObservedRules.iptables_rule_set(want.iptables_backend) if want.mode == ProxyMode.IPTABLES else None
+    out = []
+    if obs.iptables and recorded != wanted:
+        out.append(recorded)
+    if obs.nftables and want.mode != ProxyMode.NFTABLES:
+        out.append("nftables")
+    out += [s for s in obs.iptables_leftovers if s != wanted and s not in out]
+    return tuple(out)
 
 
 def _peer_key(p: Peer) -> tuple[int, int]:

@@ -65,7 +65,9 @@ class SyncRules:
 
     `previous` is what netlab last programmed there, when the kernel still holds it: then only
     the services that changed are rewritten (kube-proxy's partial sync). `cleanup` names the
-    modes whose leftovers must go first (a proxyMode switch).
+    rule sets whose leftovers must go first, as ObservedRules names them: "nftables",
+    "iptables" (the system's backend), "iptables-nft", "iptables-legacy" (a proxyMode or
+    iptablesBackend switch).
     """
 
     lab: str
@@ -95,7 +97,7 @@ class SyncRules:
         changed = self.changed()
         if kind == "partial sync":
             out.append("changed: " + (", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "") or "none"))
-        out += [f"remove {mode} rules left by a previous proxyMode" for mode in self.cleanup]
+        out += [f"remove {rule_set} rules left by a previous proxyMode or iptablesBackend" for rule_set in self.cleanup]
         return out
 
 

@@ -48,14 +48,20 @@ split is kept here: `jump_rules()` lists them as (table, builtin chain, argv); t
 (netlab.kernel.proxy) runs, for each in order, `iptables -w -t T -C CHAIN ARGS` and, when that
 fails, `iptables -w -t T -I CHAIN 1 ARGS` (the target chains must exist: restore the payload
 first, or create them). Each is prepended, so the builtin chain ends up holding them in reverse
-order, exactly like a node.
+order, exactly like a node (`builtin_rules()` lists that end state). When the node's filter and
+nat hold nothing else, netlab does take over the builtin chains: `whole_tables=True` renders
+the payload of a restore without --noflush, with the builtin chains declared and the jumps in
+them, which leaves the same tables in one transaction (see netlab.kernel.proxy for why).
 
 Partial syncs (kube-proxy's MinimizeIPTablesRestore, GA in v1.28): `only` names the service
 ports whose Service or endpoints changed; the per-service chains (SVC/SVL/EXT/FW/SEP) of all
 other services are left out of the payload (the kernel keeps their current contents), while
 every top-level nat chain and the whole filter table are rewritten. `stale` lists service
 chains to delete (what the kernel has minus `service_chains()` of the full desired state;
-`stale_chains()` computes it).
+`stale_chains()` computes it). netlab's own partial sync goes further with
+`render_iptables_delta()`: it renders the changed service ports alone, takes the stale chains
+from the previous and new plans, and writes a top-level chain only when its lines change (for
+an endpoint change, none), so the payload and the kernel's work are a few chains, not O(services).
 
 Deliberate difference from a real node: the masquerade mark is written as the model's
 `NodeContext.masquerade_mark` (`0x4000`, as in kube-proxy's unit tests), where the real
@@ -66,25 +72,30 @@ binary formats it with Go's `%#08x` (`0x00004000`); the kernel stores the same n
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from netlab.render.model import Endpoint, NodeContext, ServicePort
 
 __all__ = [
+    "BUILTIN_CHAINS",
     "LARGE_CLUSTER_ENDPOINTS_THRESHOLD",
     "Table",
+    "builtin_rules",
     "endpoint_chain",
     "external_chain",
     "firewall_chain",
+    "is_large_cluster",
     "is_service_chain",
     "jump_rules",
     "local_chain",
     "port_proto_hash",
     "probability",
     "render_iptables",
+    "render_iptables_delta",
     "service_chain",
     "service_chains",
     "stale_chains",
@@ -119,10 +130,17 @@ _NODEPORTS_TAIL_COMMENT = '"kubernetes service nodeports; NOTE: this must be the
 # --- names ------------------------------------------------------------------------------------
 
 
+def _hash16(text: str) -> str:
+    """The first 16 characters of base32(sha256(text)). base32 turns each 5 bytes into 8
+    characters on its own, so 16 characters are exactly the encoding of the digest's first 10
+    bytes: encoding only those gives the same name for a third of the work (the encoder is pure
+    Python in 3.11 and was the largest single cost of a render)."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+
+
 def port_proto_hash(spn: str, proto: str) -> str:
     """kube-proxy's `portProtoHash`: the first 16 chars of base32(sha256(spn + proto))."""
-    digest = hashlib.sha256((spn + proto).encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    return _hash16(spn + proto)
 
 
 def service_chain(spn: str, proto: str) -> str:
@@ -147,8 +165,7 @@ def firewall_chain(spn: str, proto: str) -> str:
 
 def endpoint_chain(spn: str, proto: str, endpoint: str) -> str:
     """KUBE-SEP-<h>: one endpoint of one service port; `endpoint` is `ip:port`."""
-    digest = hashlib.sha256((spn + proto + endpoint).encode()).digest()
-    return SEP_PREFIX + base64.b32encode(digest).decode()[:16]
+    return SEP_PREFIX + _hash16(spn + proto + endpoint)
 
 
 def is_service_chain(name: str) -> bool:
@@ -206,6 +223,27 @@ def jump_rules(node: NodeContext | None = None) -> list[tuple[str, str, list[str
     return rules
 
 
+# The builtin chains `iptables-save` lists for each table, in its order.
+BUILTIN_CHAINS: dict[Table, tuple[str, ...]] = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+}
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg or not arg else arg
+
+
+def builtin_rules(node: NodeContext | None = None) -> dict[tuple[str, str], list[str]]:
+    """(table, builtin chain) -> its rules, as `iptables-save` prints them, once every jump is in:
+    each one is prepended (`-I CHAIN 1`), so a chain holds its jumps in reverse `jump_rules`
+    order. Every builtin chain of filter and nat is a key (an empty list: kube-proxy adds none)."""
+    out: dict[tuple[str, str], list[str]] = {(t, c): [] for t, chains in BUILTIN_CHAINS.items() for c in chains}
+    for table, chain, args in jump_rules(node):
+        out[(table, chain)].insert(0, f"-A {chain} " + " ".join(_quote(a) for a in args))
+    return out
+
+
 # --- per service-port categorisation (kube-proxy's CategorizeEndpoints + policy chains) ----------
 
 
@@ -241,17 +279,28 @@ class _Plan:
         # The API only keeps externalTrafficPolicy for externally reachable services.
         return self.svc.external_local and self.externally_accessible
 
+    # Chain names are hashed once per render (a cached_property writes the instance __dict__,
+    # which a frozen dataclass allows): each SEP name is used three times per endpoint.
+    @functools.cached_property
+    def _hash(self) -> str:
+        return port_proto_hash(self.spn, self.proto)
+
+    @functools.cached_property
+    def _sep_chains(self) -> dict[str, str]:
+        """`ip:port` -> KUBE-SEP name, for every reachable endpoint (cluster and local ones are subsets)."""
+        return {ep.addr: endpoint_chain(self.spn, self.proto, ep.addr) for ep in self.reachable_endpoints}
+
     @property
     def svc_chain(self) -> str:
-        return service_chain(self.spn, self.proto)
+        return SVC_PREFIX + self._hash
 
     @property
     def svl_chain(self) -> str:
-        return local_chain(self.spn, self.proto)
+        return SVL_PREFIX + self._hash
 
     @property
     def ext_chain(self) -> str:
-        return external_chain(self.spn, self.proto)
+        return EXT_PREFIX + self._hash
 
     @property
     def internal_chain(self) -> str:
@@ -262,7 +311,7 @@ class _Plan:
         return self.svl_chain if self.external_policy_local else self.svc_chain
 
     def sep_chain(self, ep: Endpoint) -> str:
-        return endpoint_chain(self.spn, self.proto, ep.addr)
+        return self._sep_chains[ep.addr]
 
     def chains(self) -> list[str]:
         """The nat chains this service port declares, in kube-proxy's write order."""
@@ -336,8 +385,42 @@ class _Lines:
         self.lines.append(" ".join(words))
 
 
+@dataclass
+class _Tables:
+    """A payload being written: kube-proxy's four buffers (filterChains, filterRules, natChains,
+    natRules); chain lines go before rule lines in each table."""
+
+    filter_chains: _Lines = field(default_factory=_Lines)
+    filter_rules: _Lines = field(default_factory=_Lines)
+    nat_chains: _Lines = field(default_factory=_Lines)
+    nat_rules: _Lines = field(default_factory=_Lines)
+
+    def table(self, name: str) -> tuple[_Lines, _Lines]:
+        return (self.filter_chains, self.filter_rules) if name == "filter" else (self.nat_chains, self.nat_rules)
+
+    def text(self, *, skip_empty: bool = False) -> str:
+        out: list[str] = []
+        for name in ("filter", "nat"):
+            chains, rules = self.table(name)
+            if not (skip_empty and not chains.lines and not rules.lines):
+                out += [f"*{name}", *chains.lines, *rules.lines, "COMMIT"]
+        return "\n".join(out) + "\n" if out else ""
+
+
 def _chain_line(chain: str) -> str:
     return f":{chain} - [0:0]"
+
+
+def _rule_chain(line: str) -> str:
+    """The chain an `-A CHAIN ...` / `-X CHAIN` line acts on."""
+    return line.split(" ", 2)[1]
+
+
+def is_large_cluster(services: Iterable[ServicePort]) -> bool:
+    """kube-proxy's largeClusterMode: more than 1000 endpoints over all service ports. It decides
+    whether per-endpoint rules carry comments, so a partial sync must use the flag of the whole
+    cluster, not count the few services it renders."""
+    return sum(len(s.endpoints) for s in services) > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
 
 
 def render_iptables(
@@ -346,100 +429,174 @@ def render_iptables(
     *,
     only: Collection[str] | None = None,
     stale: Collection[str] = (),
+    large_cluster: bool | None = None,
+    whole_tables: bool = False,
 ) -> str:
     """The `iptables-restore --noflush` input kube-proxy would write for `services` on `node`.
 
     only:  partial sync; the `spn` strings (`ns/name:port`) whose per-service chains are written.
            None = full sync (every chain). Top-level chains and the filter table are always full.
     stale: service chains (KUBE-SVC/SVL/EXT/FW/SEP) to flush and delete (`:C - [0:0]` + `-X C`).
+    large_cluster: kube-proxy's large-cluster mode (`is_large_cluster`); None = decide it from
+           `services`, which must then be all of them.
+    whole_tables: the input of a restore *without* --noflush, which replaces both tables: the
+           builtin chains are declared too (policy ACCEPT) and hold the jump rules, as
+           `builtin_rules` lists them (what `-C`/`-I 1` one jump at a time would leave).
     Raises ValueError for a stale name that is not a service chain or that this render still uses.
     """
     plans = _plans(node, services)
-    mark = node.masquerade_mark
-    cidr = str(node.cluster_cidr)
-
     wanted = {c for p in plans for c in p.chains()}
     for chain in stale:
         if not is_service_chain(chain):
             raise ValueError(f"{chain} is not a kube-proxy service chain; only KUBE-SVC/SVL/EXT/FW/SEP-* are deleted")
         if chain in wanted:
             raise ValueError(f"{chain} is stale but still used by a service; it must not be deleted")
+    large = is_large_cluster(services) if large_cluster is None else large_cluster
+    out = _render(node, plans, large_cluster=large, only=only, stale=stale)
+    if whole_tables:
+        _add_builtin_chains(out, node)
+    return out.text()
 
-    filter_chains, filter_rules, nat_chains, nat_rules = _Lines(), _Lines(), _Lines(), _Lines()
-    skipped_chains, skipped_rules = _Lines(), _Lines()  # kube-proxy's discard buffers
+
+def _render(
+    node: NodeContext,
+    plans: Sequence[_Plan],
+    *,
+    large_cluster: bool,
+    only: Collection[str] | None,
+    stale: Collection[str],
+) -> _Tables:
+    mark = node.masquerade_mark
+    cidr = str(node.cluster_cidr)
+    t = _Tables()
 
     for chain in _FILTER_TOP_CHAINS:
-        filter_chains.write(_chain_line(chain))
+        t.filter_chains.write(_chain_line(chain))
     for chain in _NAT_TOP_CHAINS:
-        nat_chains.write(_chain_line(chain))
+        t.nat_chains.write(_chain_line(chain))
 
-    nat_rules.write("-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN")
+    t.nat_rules.write("-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN")
     # Clear the mark so a packet that re-traverses the stack is not masqueraded again.
-    nat_rules.write("-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark)
+    t.nat_rules.write("-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark)
     masq = ["-A", KUBE_POSTROUTING, "-m", "comment", "--comment", '"kubernetes service traffic requiring SNAT"']
     masq += ["-j", "MASQUERADE"]
     if node.random_fully:
         masq.append("--random-fully")
-    nat_rules.write(*masq)
-    nat_rules.write("-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark)
+    t.nat_rules.write(*masq)
+    t.nat_rules.write("-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark)
 
     # localhostNodePorts (the default) sets route_localnet=1, which lets 127.0.0.0/8 be routed;
     # this copy of kubelet's rule drops martian packets to 127/8 that did not come from it.
-    filter_chains.write(_chain_line(KUBE_FIREWALL))
-    filter_rules.write(
+    t.filter_chains.write(_chain_line(KUBE_FIREWALL))
+    t.filter_rules.write(
         "-A", KUBE_FIREWALL, "-m", "comment", "--comment", '"block incoming localnet connections"',
         "-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8",
         "-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP",
     )  # fmt: skip
 
-    large_cluster = sum(len(p.svc.endpoints) for p in plans) > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
-
     for p in plans:
-        partial_skip = only is not None and p.spn not in only
-        _write_service(
-            p, cidr, large_cluster, filter_rules, nat_rules,
-            skipped_chains if partial_skip else nat_chains,
-            skipped_rules if partial_skip else nat_rules,
-        )  # fmt: skip
+        _write_top(p, t.filter_rules, t.nat_rules)
+        # kube-proxy writes a skipped service into discard buffers; not writing it is the same text
+        if only is None or p.spn in only:
+            _write_chains(p, cidr, large_cluster, t.nat_chains, t.nat_rules)
 
     for chain in sorted(stale):  # flushed by its chain line, then deleted
-        nat_chains.write(_chain_line(chain))
-        nat_rules.write("-X", chain)
+        t.nat_chains.write(_chain_line(chain))
+        t.nat_rules.write("-X", chain)
 
     # The NodePort dispatch must stay the last rule of KUBE-SERVICES (every ClusterIP first).
-    nat_rules.write(
+    t.nat_rules.write(
         "-A", KUBE_SERVICES, "-m", "comment", "--comment", _NODEPORTS_TAIL_COMMENT,
         "-m", "addrtype", "--dst-type", "LOCAL", "-j", KUBE_NODEPORTS,
     )  # fmt: skip
 
     # Drop INVALID packets (they would otherwise reach a pod un-NATed and cause RSTs, #74839).
-    filter_rules.write("-A", KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+    t.filter_rules.write("-A", KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
     # Forward marked traffic even when the FORWARD policy is DROP, and the rest of its flow.
-    filter_rules.write(
+    t.filter_rules.write(
         "-A", KUBE_FORWARD, "-m", "comment", "--comment", '"kubernetes forwarding rules"',
         "-m", "mark", "--mark", f"{mark}/{mark}", "-j", "ACCEPT",
     )  # fmt: skip
-    filter_rules.write(
+    t.filter_rules.write(
         "-A", KUBE_FORWARD, "-m", "comment", "--comment", '"kubernetes forwarding conntrack rule"',
         "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT",
     )  # fmt: skip
-
-    out = ["*filter", *filter_chains.lines, *filter_rules.lines, "COMMIT"]
-    out += ["*nat", *nat_chains.lines, *nat_rules.lines, "COMMIT"]
-    return "\n".join(out) + "\n"
+    return t
 
 
-def _write_service(
-    p: _Plan,
-    cidr: str,
+def _add_builtin_chains(t: _Tables, node: NodeContext) -> None:
+    """Turn a payload into a whole-table one: without --noflush a restore flushes each table it
+    names and deletes its chains, builtin ones included, so they are declared again (ACCEPT) and
+    the jumps into kube-proxy's chains written after every rule (their targets exist by then)."""
+    jumps = builtin_rules(node)
+    for table, builtins in BUILTIN_CHAINS.items():
+        chains, rules = t.table(table)
+        chains.lines[:0] = [f":{c} ACCEPT [0:0]" for c in builtins]
+        rules.lines += [line for c in builtins for line in jumps[(table, c)]]
+
+
+def render_iptables_delta(
+    node: NodeContext,
+    previous: Sequence[ServicePort],
+    current: Sequence[ServicePort],
+    services: Sequence[ServicePort],
+    *,
     large_cluster: bool,
-    filter_rules: _Lines,
-    top_nat_rules: _Lines,
-    nat_chains: _Lines,
-    nat_rules: _Lines,
-) -> None:
-    """One service port, in `syncProxyRules`' order. `top_nat_rules` always reaches the kernel;
-    `nat_chains`/`nat_rules` are discard buffers when a partial sync skips this service."""
+) -> str:
+    """A partial sync's `iptables-restore --noflush` input, computed from the changed service ports.
+
+    previous: the changed service ports as the kernel holds them (removed ones included);
+    current:  the same service ports as they are now (added ones included);
+    services: every service port now, read only when a top-level chain must be rewritten;
+    large_cluster: `is_large_cluster` of the whole cluster, the same before and after (the
+              unchanged services' chains were written with it).
+
+    The kernel must hold the full render of the previous state on the same node; this takes it to
+    the full render of `services`. The changed services' chains are rewritten and the ones they no
+    longer use deleted: chain names hash the service port (and endpoint), so they belong to one
+    service, and old minus new is exactly what a diff of `iptables-save` would find. A top-level
+    chain (KUBE-SERVICES, KUBE-NODEPORTS, filter KUBE-EXTERNAL-SERVICES, ...) is written, in
+    full, only when the changed services' lines in it differ: a service added or removed, one
+    that loses or regains all its endpoints, a new NodePort. An endpoint change rewrites none,
+    where kube-proxy rewrites them all on every sync; that matters because the kernel's cost of
+    a restore grows with what it names. Returns "" when nothing differs.
+    """
+    old, new = _plans(node, previous), _plans(node, current)
+    before, after = _top_lines(old), _top_lines(new)
+    rewrite = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    stale = {c for p in old for c in p.chains()} - {c for p in new for c in p.chains()}
+
+    t = _Tables()
+    if rewrite:
+        full = _render(node, _plans(node, services), large_cluster=large_cluster, only=(), stale=())
+        for table in ("filter", "nat"):
+            (src_chains, src_rules), (chains, rules) = full.table(table), t.table(table)
+            chains.lines += [x for x in src_chains.lines if (table, x[1:].split(" ", 1)[0]) in rewrite]
+            rules.lines += [x for x in src_rules.lines if (table, _rule_chain(x)) in rewrite]
+    cidr = str(node.cluster_cidr)
+    for p in new:
+        _write_chains(p, cidr, large_cluster, t.nat_chains, t.nat_rules)
+    for chain in sorted(stale):  # flushed by its chain line, then deleted
+        t.nat_chains.write(_chain_line(chain))
+        t.nat_rules.write("-X", chain)
+    return t.text(skip_empty=True)
+
+
+def _top_lines(plans: Sequence[_Plan]) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(table, top-level chain) -> the (service port, rule) lines these service ports put there."""
+    out: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for p in plans:
+        filter_rules, nat_rules = _Lines(), _Lines()
+        _write_top(p, filter_rules, nat_rules)
+        for table, buf in (("filter", filter_rules), ("nat", nat_rules)):
+            for line in buf.lines:
+                out.setdefault((table, _rule_chain(line)), []).append((p.spn, line))
+    return out
+
+
+def _write_top(p: _Plan, filter_rules: _Lines, nat_rules: _Lines) -> None:
+    """A service port's rules in the top-level chains (nat KUBE-SERVICES/KUBE-NODEPORTS, filter
+    KUBE-SERVICES/KUBE-EXTERNAL-SERVICES), in `syncProxyRules`' order; `_write_chains` follows."""
     spn, proto, svc = p.spn, p.proto, p.svc
     vip, port = str(svc.cluster_ip), str(svc.port)
 
@@ -452,7 +609,7 @@ def _write_service(
 
     # Capture the clusterIP.
     if p.has_internal_endpoints:
-        top_nat_rules.write(
+        nat_rules.write(
             "-A", KUBE_SERVICES, "-m", "comment", "--comment", f'"{spn} cluster IP"',
             "-m", proto, "-p", proto, "-d", vip, "--dport", port, "-j", p.internal_chain,
         )  # fmt: skip
@@ -465,7 +622,7 @@ def _write_service(
     # Capture the NodePort (on every local address: the KUBE-SERVICES tail rule).
     if svc.node_port is not None:
         if p.has_endpoints:
-            top_nat_rules.write(
+            nat_rules.write(
                 "-A", KUBE_NODEPORTS, "-m", "comment", "--comment", spn,
                 "-m", proto, "-p", proto, "--dport", str(svc.node_port), "-j", p.ext_chain,
             )  # fmt: skip
@@ -475,6 +632,12 @@ def _write_service(
                 "-m", "addrtype", "--dst-type", "LOCAL",
                 "-m", proto, "-p", proto, "--dport", str(svc.node_port), "-j", external_target,
             )  # fmt: skip
+
+
+def _write_chains(p: _Plan, cidr: str, large_cluster: bool, nat_chains: _Lines, nat_rules: _Lines) -> None:
+    """A service port's own nat chains (KUBE-EXT/SVC/SVL/SEP), in `syncProxyRules`' order."""
+    spn, proto, svc = p.spn, p.proto, p.svc
+    vip, port = str(svc.cluster_ip), str(svc.port)
 
     # Internal traffic: masquerade what does not come from a pod (detect-local by cluster CIDR).
     if p.has_internal_endpoints:

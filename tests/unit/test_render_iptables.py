@@ -14,6 +14,9 @@ Every full golden also passes kube-proxy's `checkIPTablesRuleJumps`.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -24,12 +27,17 @@ import pytest
 
 import netlab.topology  # noqa: F401  (first: netlab.render.model imports back into netlab.topology)
 from netlab.render.iptables import (
+    BUILTIN_CHAINS,
+    builtin_rules,
     endpoint_chain,
+    external_chain,
+    is_large_cluster,
     is_service_chain,
     jump_rules,
     port_proto_hash,
     probability,
     render_iptables,
+    render_iptables_delta,
     service_chain,
     service_chains,
     stale_chains,
@@ -528,3 +536,145 @@ def test_service_chains() -> None:
     declared = set(re.findall(r"^:(\S+)", render_iptables(NODE1, NEW).split("*nat\n", 1)[1], flags=re.M))
     assert chains["nat"] == declared
     assert stale_chains(NODE1, NEW, ["KUBE-SERVICES", "DOCKER", *declared]) == []
+
+
+def test_names_hash_only_the_bytes_they_keep() -> None:
+    """16 base32 characters are the first 10 bytes of the digest: the same as encoding all 32."""
+    for i in range(300):
+        spn = f"ns{i % 7}/svc-{i}:p{i % 3}"
+        full = base64.b32encode(hashlib.sha256(f"{spn}tcp".encode()).digest()).decode()
+        assert port_proto_hash(spn, "tcp") == full[:16]
+        full = base64.b32encode(hashlib.sha256(f"{spn}udp10.0.{i}.1:80".encode()).digest()).decode()
+        assert endpoint_chain(spn, "udp", f"10.0.{i}.1:80") == "KUBE-SEP-" + full[:16]
+
+
+def test_large_cluster_flag_can_come_from_the_caller() -> None:
+    """A partial render sees a few services; the comments depend on the whole cluster's endpoints."""
+    services = [svc("default/web:http", "10.96.0.10", 80, *WEB_EPS)]
+    assert not is_large_cluster(services)
+    assert render_iptables(NODE1, services, large_cluster=False) == render_iptables(NODE1, services)
+    big = render_iptables(NODE1, services, large_cluster=True)
+    assert '--comment "default/web:http -> ' not in big and "--comment default/web:http -s" not in big
+    assert '--comment "default/web:http cluster IP"' in big
+
+
+# --- whole-table payload (a full sync over a node holding only kube-proxy's rules) ---------------
+
+
+def test_builtin_rules_are_the_jumps_as_ensure_rule_prepend_leaves_them() -> None:
+    rules = builtin_rules(NODE1)
+    assert set(rules) == {(t, c) for t, chains in BUILTIN_CHAINS.items() for c in chains}
+    assert rules[("nat", "INPUT")] == [] and rules[("nat", "PREROUTING")] == [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
+    ]
+    # each jump is inserted at the top: the last one ensured comes first
+    assert [r.rsplit(" ", 1)[1] for r in rules[("filter", "INPUT")]] == [
+        "KUBE-FIREWALL", "KUBE-PROXY-FIREWALL", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"
+    ]  # fmt: skip
+    for table, chain, args in jump_rules(NODE1):
+        assert sum(r.endswith(" -j " + args[-1]) for r in rules[(table, chain)]) == 1
+
+
+def test_whole_table_payload_is_the_payload_plus_builtin_chains_and_jumps() -> None:
+    plain = render_iptables(NODE1, NEW)
+    whole = render_iptables(NODE1, NEW, whole_tables=True)
+    extra = [line for line in whole.splitlines() if line not in plain.splitlines()]
+    expected = []
+    for table, builtins in BUILTIN_CHAINS.items():  # declared first, jumps after every other rule
+        expected += [f":{c} ACCEPT [0:0]" for c in builtins]
+        expected += [r for c in builtins for r in builtin_rules()[(table, c)]]
+    assert extra == expected
+    for table in ("filter", "nat"):
+        block = whole.split(f"*{table}\n", 1)[1].split("COMMIT", 1)[0].splitlines()
+        assert block[: len(BUILTIN_CHAINS[table])] == [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
+    assert [line for line in whole.splitlines() if line not in extra] == plain.splitlines()
+
+
+# --- delta render: a partial sync from the changed services alone --------------------------------
+
+
+def _changes(old: list[ServicePort], new: list[ServicePort]) -> tuple[list[ServicePort], list[ServicePort]]:
+    before, after = {s.spn: s for s in old}, {s.spn: s for s in new}
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [before[k] for k in keys if k in before], [after[k] for k in keys if k in after]
+
+
+def _delta(old: list[ServicePort], new: list[ServicePort]) -> str:
+    """The delta payload; checks that over a kernel holding `old` it leaves exactly a full `new`."""
+    large = is_large_cluster(new)
+    assert large == is_large_cluster(old)
+    kernel: dict[str, dict[str, list[str]]] = {}
+    restore_noflush(kernel, render_iptables(NODE1, old))
+    before, after = _changes(old, new)
+    payload = render_iptables_delta(NODE1, before, after, new, large_cluster=large)
+    restore_noflush(kernel, payload)
+    fresh: dict[str, dict[str, list[str]]] = {}
+    restore_noflush(fresh, render_iptables(NODE1, new))
+    assert {t: dict(sorted(c.items())) for t, c in kernel.items()} == {
+        t: dict(sorted(c.items())) for t, c in fresh.items()
+    }
+    return payload
+
+
+def _declared(payload: str) -> list[str]:
+    return re.findall(r"^:(\S+)", payload, flags=re.M)
+
+
+def test_delta_of_an_endpoint_change_leaves_every_top_level_chain_out() -> None:
+    old = OLD
+    new = [NEW[0], *OLD[1:]]  # web: one endpoint replaced
+    payload = _delta(old, new)
+    web = "default/web:http"
+    assert "*filter" not in payload
+    assert _declared(payload) == [
+        external_chain(web, "tcp"),  # web's own chains, rewritten
+        service_chain(web, "tcp"),
+        *[endpoint_chain(web, "tcp", e.addr) for e in NEW[0].sorted_endpoints()],
+        endpoint_chain(web, "tcp", "10.244.1.2:8080"),  # stale: flushed, then deleted
+    ]
+    assert payload.count("-X ") == 1 and f"-X {endpoint_chain(web, 'tcp', '10.244.1.2:8080')}\n" in payload
+
+
+def test_delta_of_added_and_removed_services_rewrites_kube_services() -> None:
+    payload = _delta(OLD, NEW)  # web changed, db deleted, cache added
+    assert ":KUBE-SERVICES - [0:0]" in payload and "*filter" not in payload
+    assert ":KUBE-NODEPORTS" not in payload  # web's NodePort line did not change
+    assert f"-X {service_chain('shop/db', 'tcp')}" in payload
+    assert f":{service_chain('shop/api', 'tcp')} " not in payload  # unchanged: not rewritten
+
+
+def test_delta_to_no_endpoints_and_back() -> None:
+    gone = [OLD[0], svc("shop/api", "10.96.0.20", 443), OLD[2]]
+    payload = _delta(OLD, gone)
+    assert "*filter" in payload and '"shop/api has no endpoints" -m tcp -p tcp -d 10.96.0.20' in payload
+    assert _declared(payload)[:2] == ["KUBE-SERVICES", "KUBE-SERVICES"]  # filter's and nat's, nothing else top-level
+    assert f"-X {service_chain('shop/api', 'tcp')}" in payload
+    back = _delta(gone, OLD)
+    assert "*filter" in back and "has no endpoints" not in back
+
+
+def test_delta_of_a_node_port_change() -> None:
+    moved = [svc("default/web:http", "10.96.0.10", 80, *OLD[0].endpoints, node_port=30081), *OLD[1:]]
+    payload = _delta(OLD, moved)
+    assert [c for c in _declared(payload) if not is_service_chain(c)] == ["KUBE-NODEPORTS"]
+    local = [dataclasses.replace(moved[0], external_local=True), *OLD[1:]]
+    payload = _delta(moved, local)  # a Local policy with a local endpoint: KUBE-SVL appears
+    assert any(c.startswith("KUBE-SVL-") for c in _declared(payload))
+    lost = [dataclasses.replace(local[0], endpoints=(ep("10.244.1.2", 8080, "node2"),)), *OLD[1:]]
+    payload = _delta(local, lost)  # ... and loses it: the NodePort DROPs in filter
+    assert '"default/web:http has no local endpoints"' in payload
+
+
+def test_delta_in_a_large_cluster_keeps_its_comment_style() -> None:
+    big = svc(
+        "default/big", "10.96.0.100", 80, *[ep(f"10.244.{i // 250}.{i % 250 + 1}", 80, "node2") for i in range(1001)]
+    )
+    old, new = [big, *OLD], [big, NEW[0], *OLD[1:]]
+    payload = _delta(old, new)  # _delta renders with the caller's flag: the whole cluster is large
+    assert '"default/web:http -> ' not in payload and "--comment default/web:http -s" not in payload
+    assert f"-A {service_chain('default/web:http', 'tcp')} -m statistic" in payload
+
+
+def test_delta_without_changes_is_empty() -> None:
+    assert _delta(OLD, list(OLD)) == ""
+    assert render_iptables_delta(NODE1, [], [], OLD, large_cluster=False) == ""
