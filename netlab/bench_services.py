@@ -8,30 +8,36 @@ rewriting `cluster.proxyMode` (and `iptablesBackend`) and running `netlab up` ag
 stay): iptables (the system's backend, nft on Debian 12), nftables, iptables with the legacy
 backend. The lab is removed (`netlab down`) after each N. In each mode, in this order:
 
-  1. bare tool, the floor: the exact payload a full sync sends (rendered once, in-process) piped
-     to `iptables-restore -w 5 --noflush --counters` / `nft -f -` inside the node's netns right
-     after `proxy.cleanup`, and inside a fresh empty netns (iptables also without --noflush, for
-     reference). nftables also times the same services rendered with endpoint_dispatch="rules"
-     and, in a fresh netns, with one *named* map per service instead of the anonymous vmap.
-  2. full programming: `proxy.sync(previous=None)` in-process after `proxy.cleanup`, split into
-     its parts (render, kernel apply, ...) by wrapping the functions it calls. The payload it
-     hands the kernel is checked to be byte-identical to the one timed bare in step 1. Then the
-     kernel is checked: N ClusterIP rules / map elements, 3N endpoint chains, the jumps.
-  3. one-service change: the middle service loses one endpoint (a RulesPlan with that change),
-     `proxy.sync(previous=old)` (kube-proxy's partial sync), then gets it back, alternately,
-     `--changes` timed syncs in all. After each, the kernel's chain for that service must jump
-     to exactly the planned endpoints' chains. Then the same kind of change as a user makes it:
-     the service's targetPort edited in the topology and `netlab up` (wall time; put back untimed).
-  4. what-if measurements for the recommendations in docs/benchmarks.md, applied by hand (the
-     product code is not changed): the full iptables sync as one whole-table restore without
-     --noflush with the jumps in the payload (over the synced node it must leave `iptables-save`
-     unchanged, i.e. program exactly what proxy.sync did), a partial payload without the
-     unchanged top-level chains, stale chains computed from the previous plan instead of
-     `iptables-save`, rendering only the changed service (for nftables checked byte-identical
-     to the partial sync's script), a smaller state record, the renderers' chain-name hashing
-     without base32 of the whole digest (same output), and the floor any change pays on this
-     node (one rule in a scratch chain, with and without a jump).
-  5. first-connection latency: from the client pod, `--connections` new TCP connections (after
+  1. bare tool, the floor of a full sync: the payload a full sync sends, rendered once in the
+     benchmark, through the same tool with the same flags (iptables: the whole-table restore,
+     `iptables-restore -w 5 --counters` without --noflush, which proxy.sync uses on a node whose
+     filter and nat hold only kube-proxy's rules; nftables: `nft -f -`), through nsenter inside
+     a fresh empty netns, and (in 2) inside the node's netns right after `proxy.cleanup`.
+     iptables also times kube-proxy's own way, `iptables-restore --noflush` of its payload, in
+     the node (informational); nftables the same services rendered with
+     endpoint_dispatch="rules" and, in a fresh netns, with one *named* map per service instead
+     of the anonymous vmap (what-ifs).
+  2. full programming: rounds of the bare tool in the node after cleanup, then
+     `proxy.sync(previous=None)` in-process after cleanup, so both see the same load on a shared
+     machine. The sync is split into its parts by wrapping the functions it calls (read,
+     ownership check, render, apply, state record; the rest is "other"). Wall and CPU seconds
+     (this process and its finished children: the tool's user time and the kernel's work in its
+     transaction), the latter barely moved by other work on the CPUs. Checked: the tool the sync
+     runs, its flags and its stdin are exactly the ones timed bare; the kernel then holds N
+     ClusterIP rules / map elements, 3N endpoint chains and the jumps.
+  3. one-service change: the middle service loses one endpoint, then gets it back, alternately,
+     `--changes` timed `proxy.sync(previous=old)` (the partial sync; parts as in 2). Checked: the
+     payload equals a delta rendered independently (iptables: render_iptables_delta; nftables:
+     the full-state form render_nftables(previous=nft_state(all services))); after each sync the
+     kernel's chain for that service jumps to exactly the planned endpoints' chains; afterwards
+     the ruleset equals the full sync's. Next to it, in the same run: the same deltas through the
+     same tool bare (nsenter + tool, no netlab Python; for nftables the floor), the kernel floor
+     of any iptables transaction on this node (a one-rule restore into a scratch chain, removed
+     again) and nft's (a script without cache, a rule, a jump), and what else netlab spends
+     around a change (the RulesPlan fingerprint `netlab up` compares; the state record as plain
+     tuples, a what-if). Then the same kind of change as a user makes it: the service's targetPort
+     edited in the topology and `netlab up` (wall time; put back untimed).
+  4. first-connection latency: from the client pod, `--connections` new TCP connections (after
      20 warm-ups) to the first and to the last service in KUBE-SERVICES (read from the node's
      `iptables-save`, not assumed) and, as the "nothing matched" reference, straight to a web
      pod, interleaved; connect() timed with perf_counter_ns, closed with RST. Checked: replies
@@ -39,7 +45,9 @@ backend. The lab is removed (`netlab down`) after each N. In each mode, in this 
      new entry per connection (so each one went through the nat rules).
 
 Full programming and bare timings repeat `--repeat` times but stop once their runs add up to
-`--cap` seconds (iptables-nft at 10k takes about a minute a run); the count is in the results.
+`--cap` seconds (an nftables load at 10k takes 20-50 s); the count is in the results.
+Wall-clock is what the targets are stated in; where other work shared the CPUs, the CPU ratios
+say how much of a wall ratio is netlab's.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import math
 import os
 import pickle
 import re
+import resource
 import statistics
 import subprocess  # noqa: TID251 - a benchmark drives the CLI and the kernel tools as processes
 import sys
@@ -57,7 +66,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +87,7 @@ TARGET_CHANGE_S = 0.050
 KUBE_PROXY_CHANGE_S = 0.141
 BARE_NETNS = f"nlbench-{LAB}-bare"
 NFT_PREFIX = "add table ip kube-proxy\ndelete table ip kube-proxy\n"  # what proxy's full sync prepends
-BUILTIN_CHAINS = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
+NFT_ARGV = ["nft", "-f", "-"]
 
 Log = Callable[[str], None]
 
@@ -196,6 +205,14 @@ def _timed_tool(ns_path: str, argv: list[str], payload: str) -> float:
     return dt
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its children that have finished: the
+    tools' own user time and the kernel time of their transactions. Unlike wall time it barely
+    moves when other work shares the CPUs, so it backs up the wall-clock ratios on a busy machine."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 @contextlib.contextmanager
 def _fresh_netns() -> Iterator[str]:
     """A new, empty network namespace (ours; deleted afterwards). Yields its path."""
@@ -228,56 +245,74 @@ def _tool_versions() -> dict[str, str]:
 
 # --- timing proxy.sync by its parts -----------------------------------------------------------
 
+# (module, function, part): every function proxy.sync calls that costs more than a few µs. Each
+# part gets the seconds spent in its functions minus those of wrapped functions they call
+# (render_nftables_delta calls changed_subset, nft_state and render_nftables, for instance).
+PARTS = (
+    ("netlab.kernel.rules", "iptables_tables", "read"),  # one iptables-save, parsed
+    ("netlab.kernel.proxy", "_only_kube_proxy", "check"),  # may the full sync replace whole tables?
+    ("netlab.render.iptables", "service_chains", "check"),  # (the top-level chain names it allows)
+    ("netlab.kernel.proxy", "_changed_services", "diff"),  # which service ports differ
+    ("netlab.render.nftables", "changed_subset", "diff"),
+    ("netlab.render.iptables", "is_large_cluster", "diff"),  # kube-proxy's large-cluster flag
+    ("netlab.render.nftables", "nft_state", "prepare"),  # the changed services' previous state
+    ("netlab.render.iptables", "render_iptables", "render"),
+    ("netlab.render.iptables", "render_iptables_delta", "render"),
+    ("netlab.render.nftables", "render_nftables", "render"),
+    ("netlab.render.nftables", "render_nftables_delta", "render"),
+    ("netlab.kernel.rules", "apply_iptables", "apply"),  # nsenter + iptables-restore
+    ("netlab.kernel.rules", "apply_nft", "apply"),  # nsenter + nft -f
+    ("netlab.kernel.rules_state", "write", "save"),  # writing the state record (pickled meanwhile)
+)
+PART_ORDER = ("read", "check", "diff", "prepare", "render", "apply", "save", "other")
+
 
 class _Parts:
-    """While active, wraps the functions proxy.sync calls (module attributes, restored on exit)
-    and adds up the seconds spent in each group; records the payloads handed to the kernel.
-    Only the outermost wrapped call counts (cleanup calls apply_iptables, for instance)."""
+    """While active, wraps the PARTS functions (module attributes, restored on exit) and adds up
+    each part's own seconds; records every tool run that gets a payload on stdin (argv without
+    the nsenter prefix, stdin), i.e. exactly what the sync hands the kernel's tools."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.payloads: list[str] = []
-        self._depth = 0
+        self.sent: list[tuple[list[str], str]] = []
+        self._inner: list[float] = []  # per active wrapped call: seconds of wrapped calls inside it
         self._saved: list[tuple[Any, str, Any]] = []
 
-    def _targets(self) -> list[tuple[Any, str, str, int | None]]:
-        from netlab.kernel import proxy, rules, rules_state
-        from netlab.render import iptables as ri
-        from netlab.render import nftables as rn
-
-        return [
-            (rules, "iptables_chains", "read", None),
-            (rules, "apply_iptables", "apply", 2),
-            (rules, "apply_nft", "apply", 1),
-            (proxy, "ensure_jumps", "jumps", None),
-            (ri, "service_chains", "prepare", None),
-            (rn, "nft_state", "prepare", None),
-            (ri, "render_iptables", "render", None),
-            (rn, "render_nftables", "render", None),
-            (rules_state, "save", "save", None),
-        ]
-
-    def _wrap(self, fn: Callable[..., Any], part: str, capture: int | None) -> Callable[..., Any]:
+    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return fn(*args, **kwargs)
-            if capture is not None:
-                self.payloads.append(args[capture])
-            self._depth += 1
+            self._inner.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - t0
-                self._depth -= 1
+                dt = time.perf_counter() - t0
+                self.seconds[part] += dt - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += dt
 
         return wrapper
 
+    def _captured(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(ns: str, argv: list[str], **kwargs: Any) -> Any:
+            if kwargs.get("stdin") is not None:
+                self.sent.append((list(argv), kwargs["stdin"]))
+            return fn(ns, argv, **kwargs)
+
+        return wrapper
+
+    def _patch(self, mod: Any, attr: str, new: Callable[..., Any]) -> None:
+        self._saved.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, new)
+
     def __enter__(self) -> _Parts:
-        for mod, attr, part, capture in self._targets():
-            orig = getattr(mod, attr)
-            self._saved.append((mod, attr, orig))
-            setattr(mod, attr, self._wrap(orig, part, capture))
+        import importlib
+
+        from netlab.kernel import rules
+
+        for modname, attr, part in PARTS:
+            mod = importlib.import_module(modname)
+            self._patch(mod, attr, self._timed(getattr(mod, attr), part))
+        self._patch(rules, "run", self._captured(rules.run))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -286,10 +321,8 @@ class _Parts:
         self._saved.clear()
 
 
-PART_ORDER = ("read", "prepare", "render", "apply", "jumps", "save", "other")
-
-
-def _timed_sync(ns: str, rp: Any, previous: Any) -> tuple[float, dict[str, float], list[str]]:
+def _timed_sync(ns: str, rp: Any, previous: Any) -> tuple[float, dict[str, float], list[tuple[list[str], str]]]:
+    """proxy.sync in-process: (seconds, seconds per part, the tool runs with their stdin)."""
     from netlab.kernel import proxy
 
     with _Parts() as parts:
@@ -298,11 +331,15 @@ def _timed_sync(ns: str, rp: Any, previous: Any) -> tuple[float, dict[str, float
         total = time.perf_counter() - t0
     split = dict(parts.seconds)
     split["other"] = max(0.0, total - sum(split.values()))
-    return total, split, parts.payloads
+    return total, split, parts.sent
 
 
 def _median_parts(splits: list[dict[str, float]]) -> dict[str, float | None]:
     return {k: _r(_median(s.get(k, 0.0) for s in splits)) for k in PART_ORDER if any(k in s for s in splits)}
+
+
+def _cmd(argv: list[str]) -> str:
+    return " ".join(argv)
 
 
 # --- the kernel: reading back -------------------------------------------------------------------
@@ -414,11 +451,42 @@ def _endpoints_ok(ns: str, mode: Mode, svc: Any) -> bool:
     }
 
 
+def _ruleset(ns: str, mode: Mode) -> str:
+    """The node's kube-proxy ruleset in a form that compares two states (counters, handles and
+    the kernel's listing order of chains and map elements left out; rule order kept)."""
+    if mode.proxy_mode != "nftables":
+        return _normalized(_save_tables(ns, _tool(mode).save))
+    from netlab.kernel import rules
+
+    r = rules.run(ns, ["nft", "-s", "-j", "list", "table", "ip", "kube-proxy"], check=False)
+    if r.returncode != 0:
+        return f"nft list failed: {r.stderr.strip()[-200:]}"
+    objects: list[str] = []
+    chain_rules: dict[str, list[str]] = defaultdict(list)
+    for item in json.loads(r.stdout)["nftables"]:
+        ((kind, body),) = item.items()
+        if kind == "metainfo":
+            continue
+        body = {k: v for k, v in body.items() if k != "handle"}
+        if isinstance(body.get("elem"), list):
+            body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
+        text = json.dumps(body, sort_keys=True)
+        if kind == "rule":
+            chain_rules[body["chain"]].append(text)
+        else:
+            objects.append(f"{kind} {text}")
+    return "\n".join(sorted(objects) + [f"{c}: {rs}" for c, rs in sorted(chain_rules.items())])
+
+
+# --- the floor of a change on this node ---------------------------------------------------------
+
+
 def _iptables_floor(ns_path: str, tool: Any) -> dict[str, float | None]:
-    """What any change costs on this node: a one-rule restore into a scratch chain, with a plain
-    verdict and with a jump. With the nft backend the kernel then validates every chain reachable
-    from the base chains (nft_table_validate), i.e. all of kube-proxy's rules; with legacy the
-    whole table blob is replaced. The scratch chain is deleted after each run."""
+    """What any transaction costs on this node: a one-rule `iptables-restore --noflush` into a
+    scratch chain, with a plain verdict and with a jump (the chain is deleted after each run,
+    untimed). With the nft backend the kernel then validates every chain reachable from the base
+    chains (nft_chain_validate), i.e. all of kube-proxy's rules; with legacy the whole table blob
+    is replaced."""
     argv = [tool.restore, "-w", "5", "--noflush", "--counters"]
     chain = "NLBENCH-PROBE"
     out: dict[str, float | None] = {}
@@ -429,6 +497,20 @@ def _iptables_floor(ns_path: str, tool: Any) -> dict[str, float | None]:
             _timed_tool(ns_path, argv, f"*nat\n:{chain} - [0:0]\n-X {chain}\nCOMMIT\n")
         out[key] = _r(_median(xs))
     return out
+
+
+def _nft_floor(ns_path: str) -> dict[str, float | None]:
+    """Where `nft -f` spends a small transaction on this node: a script that needs no cache (`add
+    table`), one rule into a scratch chain (nft 1.0.6 first fetches every chain of the table), and
+    a jump (the kernel then validates the chains it reaches). The chain is removed in the same
+    script."""
+    probe = (
+        "add chain ip kube-proxy bench-probe\nadd rule ip kube-proxy bench-probe counter\n"
+        "flush chain ip kube-proxy bench-probe\ndelete chain ip kube-proxy bench-probe\n"
+    )
+    jump = probe.replace("bench-probe counter", "bench-probe jump mark-for-masquerade")
+    scripts = {"no_cache_s": "add table ip kube-proxy\n", "add_rule_s": probe, "add_jump_s": jump}
+    return {k: _r(_median(_timed_tool(ns_path, NFT_ARGV, s) for _ in range(5))) for k, s in scripts.items()}
 
 
 # --- the lab --------------------------------------------------------------------------------
@@ -558,56 +640,7 @@ def _latency_problems(lat: dict[str, Any], connections: int) -> list[str]:
     return problems
 
 
-# --- what-if payloads (the recommendations, applied by hand) -----------------------------------
-
-
-def _quote(args: list[str]) -> str:
-    return " ".join(f'"{a}"' if " " in a else a for a in args)
-
-
-def whole_table_payload(payload: str, jumps: list[tuple[str, str, list[str]]]) -> str:
-    """The full-sync payload as a whole-table restore (no --noflush): the builtin chains declared
-    (policy ACCEPT) and holding the jump rules in the order ensure_jumps leaves them (each is
-    prepended, so reversed), so one atomic restore leaves exactly what restore + ensure_jumps do."""
-    per_chain: dict[tuple[str, str], list[list[str]]] = defaultdict(list)
-    for table, chain, args in jumps:
-        per_chain[(table, chain)].insert(0, args)
-    out: list[str] = []
-    table = ""
-    for line in payload.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-            out.append(line)
-            out += [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS.get(table, ())]
-        elif line == "COMMIT":
-            for c in BUILTIN_CHAINS.get(table, ()):
-                out += [f"-A {c} {_quote(args)}" for args in per_chain[(table, c)]]
-            out.append(line)
-        else:
-            out.append(line)
-    return "\n".join(out) + "\n"
-
-
-def minimal_partial_payload(payload: str) -> str:
-    """A partial-sync payload without the top-level chains and the filter table (for a change
-    that leaves them as they are): only the service chains' declarations, rules and deletions."""
-    from netlab.render import iptables as ri
-
-    out: list[str] = []
-    table = ""
-    for line in payload.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        if table != "nat":
-            continue
-        if line.startswith("*") or line == "COMMIT":
-            out.append(line)
-        elif line.startswith(":"):
-            if ri.is_service_chain(line[1:].split(" ", 1)[0]):
-                out.append(line)
-        elif ri.is_service_chain(line.split(" ", 2)[1]):
-            out.append(line)
-    return "\n".join(out) + "\n"
+# --- what-ifs and netlab's own costs around a sync ------------------------------------------------
 
 
 def named_map_script(script: str) -> str:
@@ -628,43 +661,8 @@ def named_map_script(script: str) -> str:
     return re.sub(r"^add rule ip kube-proxy (\S+) numgen random mod (\d+) vmap \{ (.*) \}$", sub, script, flags=re.M)
 
 
-@contextlib.contextmanager
-def _short_hashes() -> Iterator[None]:
-    """The renderers' chain-name hashes with base32 of only the digest bytes they keep (10 bytes
-    = the 16 characters iptables uses, 5 bytes = nftables' 8) and a per-render cache; the names
-    are identical. Patched in-process, restored on exit."""
-    import base64
-    import functools
-    import hashlib
-
-    from netlab.render import iptables as ri
-    from netlab.render import nftables as rn
-
-    @functools.cache
-    def port_proto_hash(spn: str, proto: str) -> str:
-        return base64.b32encode(hashlib.sha256((spn + proto).encode()).digest()[:10]).decode()
-
-    @functools.cache
-    def endpoint_chain(spn: str, proto: str, endpoint: str) -> str:
-        digest = hashlib.sha256((spn + proto + endpoint).encode()).digest()[:10]
-        return ri.SEP_PREFIX + base64.b32encode(digest).decode()
-
-    @functools.cache
-    def hash_and_truncate(name: str) -> str:
-        out = f"{base64.b32encode(hashlib.sha256(name.encode()).digest()[:5]).decode()}-{name}"
-        return out if len(out) <= rn._NAME_BASE_MAX else out[: rn._NAME_BASE_MAX - 3] + "..."
-
-    saved = (ri.port_proto_hash, ri.endpoint_chain, rn.hash_and_truncate)
-    ri.port_proto_hash, ri.endpoint_chain, rn.hash_and_truncate = port_proto_hash, endpoint_chain, hash_and_truncate
-    try:
-        yield
-    finally:
-        ri.port_proto_hash, ri.endpoint_chain, rn.hash_and_truncate = saved
-        for f in (port_proto_hash, endpoint_chain, hash_and_truncate):
-            f.cache_clear()
-
-
 def _best_of(fn: Callable[[], Any], n: int = 3) -> tuple[float, Any]:
+    """(median seconds of n calls, the last result)."""
     times, out = [], None
     for _ in range(n):
         t0 = time.perf_counter()
@@ -704,6 +702,140 @@ def _state_encodings(rp: Any) -> dict[str, float | None]:
 # --- one mode at one size ----------------------------------------------------------------------
 
 
+@dataclass
+class _Run:
+    """One mode at one size: the node, the recorded plan, and what the steps share."""
+
+    n: int
+    mode: Mode
+    ns: str
+    ns_path: str
+    rp: Any  # the RulesPlan `netlab up` programmed
+    cfg: dict[str, Any]
+    log: Log
+    problems: list[str] = field(default_factory=list)
+    cleanups: list[float] = field(default_factory=list)
+
+    @property
+    def is_nft(self) -> bool:
+        return self.mode.proxy_mode == "nftables"
+
+    def clean(self) -> None:
+        from netlab.kernel import proxy
+
+        t0 = time.perf_counter()
+        proxy.cleanup(self.ns, self.mode.kind, previous_backend=self.mode.backend)
+        self.cleanups.append(time.perf_counter() - t0)
+
+    def repeat(self, fn: Callable[[], float], times: int | None = None) -> list[float]:
+        return _repeat(fn, self.cfg["repeat"] if times is None else times, self.cfg["cap"])
+
+    def on_node(self, argv: list[str], text: str) -> Callable[[], float]:
+        """One bare run in the node's netns after proxy.cleanup (timed: the tool only)."""
+
+        def one() -> float:
+            self.clean()
+            return _timed_tool(self.ns_path, argv, text)
+
+        return one
+
+
+def _on_fresh_netns(argv: list[str], text: str) -> Callable[[], float]:
+    def one() -> float:
+        with _fresh_netns() as path:
+            return _timed_tool(path, argv, text)
+
+    return one
+
+
+def _full_payload(run: _Run) -> tuple[list[str], str]:
+    """What proxy.sync's full sync runs on a node holding only kube-proxy's rules: (argv, stdin)."""
+    from netlab.render import iptables as ri
+    from netlab.render import nftables as rn
+
+    ctx, services = run.rp.context, run.rp.services
+    if run.is_nft:
+        return NFT_ARGV, NFT_PREFIX + rn.render_nftables(ctx, services)
+    tool = _tool(run.mode)
+    return [tool.restore, "-w", "5", "--counters"], ri.render_iptables(ctx, services, whole_tables=True)
+
+
+def _bare_elsewhere(run: _Run, argv: list[str], payload: str) -> dict[str, Any]:
+    """The full-sync payload, same tool and flags, in a fresh netns; for iptables also kube-proxy's
+    own way, `--noflush` with its payload, in the node's netns after cleanup (informational)."""
+    from netlab.render import iptables as ri
+
+    run.log(f"  {run.mode.key}: bare `{_cmd(argv)}` in a fresh netns")
+    out: dict[str, Any] = {"fresh_s": run.repeat(_on_fresh_netns(argv, payload))}
+    if not run.is_nft:
+        tool = _tool(run.mode)
+        kp_argv = [tool.restore, "-w", "5", "--noflush", "--counters"]
+        kp = ri.render_iptables(run.rp.context, run.rp.services)
+        run.log(f"  {run.mode.key}: kube-proxy's `{_cmd(kp_argv)}` ({len(kp) / 1e6:.1f} MB) in the node netns")
+        out["kube_proxy"] = {"argv": _cmd(kp_argv), "bytes": len(kp), "node_s": run.repeat(run.on_node(kp_argv, kp))}
+    return out
+
+
+def _nft_variants(run: _Run) -> dict[str, Any]:
+    """What-ifs for the nftables full sync (docs/benchmarks.md, "Full nftables sync"): the services
+    rendered with endpoint_dispatch="rules", and with one named map per service instead of the
+    anonymous vmap."""
+    from netlab.render import nftables as rn
+
+    run.log(f"  {run.mode.key}: variants: endpoint_dispatch=rules, named maps")
+    t0 = time.perf_counter()
+    rules_script = NFT_PREFIX + rn.render_nftables(run.rp.context, run.rp.services, endpoint_dispatch="rules")
+    out: dict[str, Any] = {"rules": {"render_s": _r(time.perf_counter() - t0), "bytes": len(rules_script)}}
+    out["rules"]["node_s"] = run.repeat(run.on_node(NFT_ARGV, rules_script))
+    out["rules"]["fresh_s"] = run.repeat(_on_fresh_netns(NFT_ARGV, rules_script))
+    named = named_map_script(NFT_PREFIX + rn.render_nftables(run.rp.context, run.rp.services))
+    out["named_maps"] = {"bytes": len(named), "fresh_s": run.repeat(_on_fresh_netns(NFT_ARGV, named), 1)}
+    return out
+
+
+def _sent_problem(what: str, sent: list[tuple[list[str], str]], argv: list[str], text: str) -> str | None:
+    """None if `sent` is exactly one run of argv with stdin `text`, else what differs."""
+    if sent == [(argv, text)]:
+        return None
+    runs = "; ".join(f"`{_cmd(a)}` ({len(s)} bytes{', same stdin' if s == text else ''})" for a, s in sent)
+    return f"{what} ran {runs or 'nothing'}, not `{_cmd(argv)}` of the expected {len(text)} bytes"
+
+
+def _full_vs_bare(run: _Run, argv: list[str], payload: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(full sync, bare tool in the node): rounds of the bare payload in the node's netns after
+    cleanup, then proxy.sync(previous=None) after cleanup (by parts; it must run exactly that
+    payload), so both see the same load on a shared machine. Wall and CPU seconds."""
+    run.log(f"  {run.mode.key}: bare `{_cmd(argv)}` and the full sync (proxy.sync, previous=None), alternately")
+    bare: dict[str, list[float]] = {"node_s": [], "node_cpu_s": []}
+    full: dict[str, list[float]] = {"runs_s": [], "cpu_s": []}
+    splits: list[dict[str, float]] = []
+
+    def one() -> float:
+        run.clean()
+        c0 = _cpu_s()
+        bare["node_s"].append(_timed_tool(run.ns_path, argv, payload))
+        bare["node_cpu_s"].append(_cpu_s() - c0)
+        run.clean()
+        c0 = _cpu_s()
+        total, split, sent = _timed_sync(run.ns, run.rp, None)
+        full["cpu_s"].append(_cpu_s() - c0)
+        full["runs_s"].append(total)
+        splits.append(split)
+        bad = _sent_problem("the full sync", sent, argv, payload)
+        if bad and bad not in run.problems:
+            run.problems.append(bad)
+        return bare["node_s"][-1] + total
+
+    run.repeat(one)
+    bad = _check_full(run.ns, run.mode, run.rp)
+    if bad:
+        run.problems.append(f"after the full sync: {bad}")
+    out: dict[str, Any] = {k: [_r(x) for x in xs] for k, xs in full.items()}
+    out.update(median_s=_r(_median(full["runs_s"])), cpu_median_s=_r(_median(full["cpu_s"])))
+    out["parts"] = _median_parts(splits)
+    return out, {k: [_r(x) for x in xs] for k, xs in bare.items()}
+
+
 def _changed_plans(rp: Any) -> tuple[Any, Any, Any]:
     """(the changed service before, after, the RulesPlan with it): the middle service by name
     loses its last endpoint."""
@@ -714,276 +846,189 @@ def _changed_plans(rp: Any) -> tuple[Any, Any, Any]:
     return svc, changed, replace(rp, services=tuple(changed if s == svc else s for s in rp.services))
 
 
-def run_mode(
-    n: int, mode: Mode, topo: Path, positions: dict[str, Any], cfg: dict[str, Any], log: Log
-) -> dict[str, Any]:
-    from netlab.kernel import netns, proxy, rules_state
+def _deltas(run: _Run, before: Any, after: Any, rp_drop: Any) -> tuple[list[str], str, str]:
+    """(argv, drop payload, put-back payload) of the partial sync, rendered here: for iptables by
+    render_iptables_delta from the changed service, for nftables by the full-state form
+    render_nftables(all services, previous=nft_state(all services)) that the delta must equal."""
     from netlab.render import iptables as ri
     from netlab.render import nftables as rn
 
+    ctx, rp = run.rp.context, run.rp
+    if run.is_nft:
+        drop = rn.render_nftables(ctx, rp_drop.services, previous=rn.nft_state(ctx, rp.services))
+        readd = rn.render_nftables(ctx, rp.services, previous=rn.nft_state(ctx, rp_drop.services))
+        return NFT_ARGV, drop, readd
+    tool = _tool(run.mode)
+    large_drop, large = ri.is_large_cluster(rp_drop.services), ri.is_large_cluster(rp.services)
+    drop = ri.render_iptables_delta(ctx, [before], [after], rp_drop.services, large_cluster=large_drop)
+    readd = ri.render_iptables_delta(ctx, [after], [before], rp.services, large_cluster=large)
+    return [tool.restore, "-w", "5", "--noflush", "--counters"], drop, readd
+
+
+def _change(run: _Run) -> dict[str, Any]:
+    """The one-service change: timed partial syncs, the same deltas bare, the floor, and netlab's
+    own costs around it. Leaves the node as the full sync left it (checked)."""
+    rp, changes = run.rp, run.cfg["changes"]
+    before, after, rp_drop = _changed_plans(rp)
+    argv, drop, readd = _deltas(run, before, after, rp_drop)
+    synced = _ruleset(run.ns, run.mode)
+    # (plan, previous plan, the payload it must send, the service as it then is, timings)
+    drop_s: list[float] = []
+    readd_s: list[float] = []
+    steps = ((rp_drop, rp, drop, after, drop_s), (rp, rp_drop, readd, before, readd_s))
+    # an odd count ends with an untimed put-back, so the node ends as it started
+    rounds = changes + changes % 2
+    run.log(f"  {run.mode.key}: {changes} x one-service change ({before.spn}) and back, partial sync")
+    splits: list[dict[str, float]] = []
+    cpu: list[float] = []
+    for i in range(rounds):
+        target, prev, text, want, store = steps[i % 2]
+        c0 = _cpu_s()
+        total, split, sent = _timed_sync(run.ns, target, prev)
+        if i < changes:
+            cpu.append(_cpu_s() - c0)
+            store.append(total)
+            splits.append(split)
+        bad = _sent_problem("a partial sync", sent, argv, text)
+        if bad and bad not in run.problems:
+            run.problems.append(bad)
+        if not _endpoints_ok(run.ns, run.mode, want):
+            run.problems.append(f"after a partial sync the kernel does not show {before.spn}'s planned endpoints")
+    if _ruleset(run.ns, run.mode) != synced:
+        run.problems.append("after the partial syncs (and back) the ruleset differs from the full sync's")
+
+    run.log(f"  {run.mode.key}: the same deltas bare (`{_cmd(argv)}`), and the floor")
+    bare: list[float] = []
+    bare_cpu: list[float] = []
+    for i in range(rounds):
+        _, _, text, want, _ = steps[i % 2]
+        c0 = _cpu_s()
+        dt = _timed_tool(run.ns_path, argv, text)
+        if i < changes:
+            bare_cpu.append(_cpu_s() - c0)
+            bare.append(dt)
+        if not _endpoints_ok(run.ns, run.mode, want):
+            run.problems.append(f"after a bare delta the kernel does not show {before.spn}'s planned endpoints")
+    floor = _nft_floor(run.ns_path) if run.is_nft else _iptables_floor(run.ns_path, _tool(run.mode))
+    if _ruleset(run.ns, run.mode) != synced:
+        run.problems.append("after the bare deltas and the floor probes the ruleset differs from the full sync's")
+
+    allc = drop_s + readd_s
+    parts = _median_parts(splits)
+    median = statistics.median(allc)
+    bare_median = statistics.median(bare)
+    # nftables: the bare delta is the floor (nft's cache and the kernel); iptables: any restore
+    floor_s = bare_median if run.is_nft else (floor["add_rule_s"] or 0.0)
+    t_fp, _ = _best_of(lambda: rp.fingerprint)
+    out = {
+        "service": before.spn,
+        "change": f"drop endpoint {before.sorted_endpoints()[-1].addr}, then put it back",
+        "argv": _cmd(argv),
+        "payload_lines": drop.count("\n"),
+        "payload_bytes": len(drop),
+        "runs_s": [_r(x) for x in allc],
+        "median_s": _r(median),
+        "drop_median_s": _r(_median(drop_s)),
+        "readd_median_s": _r(_median(readd_s)),
+        "parts": parts,
+        "own_s": _r(median - (parts.get("apply") or 0.0)),
+        "bare_runs_s": [_r(x) for x in bare],
+        "bare_median_s": _r(bare_median),
+        "cpu_median_s": _r(_median(cpu)),
+        "bare_cpu_median_s": _r(_median(bare_cpu)),
+        "floor": floor,
+        "floor_s": _r(floor_s),
+        "fingerprint_s": _r(t_fp),
+        "state_record": _state_encodings(rp),
+    }
+    run.log(
+        f"  {run.mode.key}: one-service change {median * 1000:.1f} ms (bare delta {bare_median * 1000:.1f} ms, "
+        f"floor {floor_s * 1000:.1f} ms; parts {parts})"
+    )
+    return out
+
+
+def _change_via_cli(run: _Run, topo: Path, svc_before: Any) -> dict[str, Any]:
+    """A one-service change as a user makes it: the topology's targetPort edited, `netlab up` (the
+    installed CLI, timed); then put back in-process (proxy.sync, untimed), as `up` would do it."""
+    from netlab.kernel import proxy, rules_state
+
+    port = TARGET_PORT + 1
+    topo.write_text(topology_yaml(run.n, run.mode, {svc_before.name: port}))
+    up = _up(topo, run.log, f"{svc_before.spn} targetPort {port}")
+    now = rules_state.load(LAB, NODE)
+    svc = next((s for s in now.services if s.spn == svc_before.spn), None) if now else None
+    if now is None or svc is None or {e.port for e in svc.endpoints} != {port} or up["steps"] != 1:
+        run.problems.append(f"`netlab up` did not plan one sync with targetPort {port} for {svc_before.spn}")
+    else:
+        if not _endpoints_ok(run.ns, run.mode, svc):
+            run.problems.append(f"after `netlab up` the kernel does not show {svc_before.spn} on port {port}")
+        proxy.sync(LAB, NODE, run.ns, run.rp, now, ())
+        topo.write_text(topology_yaml(run.n, run.mode))
+    if not _endpoints_ok(run.ns, run.mode, svc_before):
+        run.problems.append(f"after putting {svc_before.spn}'s targetPort back the kernel does not show its endpoints")
+    return {"target_port": port, **up}
+
+
+def run_mode(
+    n: int, mode: Mode, topo: Path, positions: dict[str, Any], cfg: dict[str, Any], log: Log
+) -> dict[str, Any]:
+    from netlab.kernel import netns, rules_state
+
     ns = _node_ns()
-    ns_path = netns.path(ns)
     rp = rules_state.load(LAB, NODE)
-    res: dict[str, Any] = {"services": n, "mode": mode.key, "proxy_mode": mode.proxy_mode, "backend": mode.backend}
-    problems: list[str] = []
     if rp is None or str(rp.mode) != mode.proxy_mode or rp.iptables_backend != mode.backend or len(rp.services) != n:
         raise BenchError(f"after `netlab up` the node's recorded rules are not {mode.key} with {n} services")
-    problems += _check_exclusive(ns, mode)
-    is_nft = mode.proxy_mode == "nftables"
-    tool = _tool(mode)
-    repeat, cap = cfg["repeat"], cfg["cap"]
-
-    cleanups: list[float] = []
-
-    def clean() -> None:
-        t0 = time.perf_counter()
-        proxy.cleanup(ns, mode.kind, previous_backend=mode.backend)
-        cleanups.append(time.perf_counter() - t0)
+    run = _Run(n, mode, ns, netns.path(ns), rp, cfg, log)
+    res: dict[str, Any] = {"services": n, "mode": mode.key, "proxy_mode": mode.proxy_mode, "backend": mode.backend}
+    # the machine's 1-minute load average when the mode starts and ends (2 CPUs: above 2, other
+    # work was waiting for them too, and wall times stretch)
+    res["loadavg"] = [round(os.getloadavg()[0], 2)]
+    run.problems += _check_exclusive(ns, mode)
 
     # -- first and last service in KUBE-SERVICES (iptables modes read it; nftables reuses it)
-    if not is_nft:
-        order = _kube_services(_save_tables(ns, tool.save).get("nat", ""))
+    if not run.is_nft:
+        order = _kube_services(_save_tables(ns, _tool(mode).save).get("nat", ""))
         first, last = order[0], order[-1]
         if positions and (positions["first"]["service"], positions["last"]["service"]) != (first[0], last[0]):
-            problems.append(f"KUBE-SERVICES order differs from the other iptables mode: {first[0]} .. {last[0]}")
+            run.problems.append(f"KUBE-SERVICES order differs from the other iptables mode: {first[0]} .. {last[0]}")
         positions.update(
             first={"service": first[0], "ip": first[1], "position": 1},
             last={"service": last[0], "ip": last[1], "position": len(order)},
         )
 
-    # -- 1. bare tool, same payload
+    # -- 1. the full sync's payload; the same through the same tool elsewhere; nftables what-ifs
     t0 = time.perf_counter()
-    if is_nft:
-        payload = NFT_PREFIX + rn.render_nftables(rp.context, rp.services)
-        argv = ["nft", "-f", "-"]
-    else:
-        payload = ri.render_iptables(rp.context, rp.services)
-        argv = [tool.restore, "-w", "5", "--noflush", "--counters"]
+    argv, payload = _full_payload(run)
     res["render_once_s"] = _r(time.perf_counter() - t0)
-    res["payload"] = {"bytes": len(payload), "lines": payload.count("\n"), "argv": " ".join(argv)}
-    log(f"  {mode.key}: payload {len(payload) / 1e6:.1f} MB, {payload.count(chr(10))} lines; bare in the node netns")
+    res["payload"] = {"bytes": len(payload), "lines": payload.count("\n"), "argv": _cmd(argv)}
+    log(f"  {mode.key}: full-sync payload {len(payload) / 1e6:.1f} MB, {payload.count(chr(10))} lines")
+    res["bare"] = _bare_elsewhere(run, argv, payload)
+    if run.is_nft:
+        res["variants"] = _nft_variants(run)
 
-    def bare_node(text: str = payload, args: list[str] = argv) -> Callable[[], float]:
-        def one() -> float:
-            clean()
-            return _timed_tool(ns_path, args, text)
-
-        return one
-
-    bare: dict[str, Any] = {"node_s": _repeat(bare_node(), repeat, cap)}
-    variants: dict[str, Any] = {}
-    exp: dict[str, Any] = {}
-    if is_nft:
-        t0 = time.perf_counter()
-        rules_script = NFT_PREFIX + rn.render_nftables(rp.context, rp.services, endpoint_dispatch="rules")
-        variants["rules"] = {"render_s": _r(time.perf_counter() - t0), "bytes": len(rules_script)}
-        variants["rules"]["node_s"] = _repeat(bare_node(rules_script), repeat, cap)
-    else:
-        whole = whole_table_payload(payload, ri.jump_rules(rp.context))
-        whole_argv = [tool.restore, "-w", "5", "--counters"]
-        exp["whole_table"] = {"argv": " ".join(whole_argv), "bytes": len(whole)}
-    log(f"  {mode.key}: bare in a fresh netns")
-
-    def bare_fresh(text: str, args: list[str]) -> Callable[[], float]:
-        def one() -> float:
-            with _fresh_netns() as path:
-                return _timed_tool(path, args, text)
-
-        return one
-
-    bare["fresh_s"] = _repeat(bare_fresh(payload, argv), repeat, cap)
-    if is_nft:
-        variants["rules"]["fresh_s"] = _repeat(bare_fresh(rules_script, argv), repeat, cap)
-        named = named_map_script(payload)
-        variants["named_maps"] = {"bytes": len(named), "fresh_s": _repeat(bare_fresh(named, argv), 1, cap)}
-    else:
-        flush_argv = [tool.restore, "-w", "5", "--counters"]
-        bare["fresh_no_noflush_s"] = _repeat(bare_fresh(payload, flush_argv), repeat, cap)
-        exp["whole_table"]["fresh_s"] = _repeat(bare_fresh(whole, whole_argv), repeat, cap)
-    res["bare"] = bare
-
-    # -- 2. full programming: proxy.sync(previous=None) after cleanup
-    log(f"  {mode.key}: full sync (proxy.sync, previous=None) after cleanup")
-    splits: list[dict[str, float]] = []
-
-    def full() -> float:
-        clean()
-        total, split, payloads = _timed_sync(ns, rp, None)
-        splits.append(split)
-        if payloads != [payload]:
-            problems.append("the full sync's payload differs from the one timed bare")
-        return total
-
-    full_runs = _repeat(full, repeat, cap)
-    res["full"] = {
-        "runs_s": [_r(x) for x in full_runs],
-        "median_s": _r(_median(full_runs)),
-        "parts": _median_parts(splits),
-    }
-    bad = _check_full(ns, mode, rp)
-    if bad:
-        problems.append(f"after the full sync: {bad}")
-    base = statistics.median(bare["node_s"])
-    res["full_ratio"] = _r(statistics.median(full_runs) / base, 3)
+    # -- 2. full programming against the bare tool in the node (leaves the node synced)
+    full, bare_node = _full_vs_bare(run, argv, payload)
+    res["full"] = full
+    res["bare"].update(bare_node)
+    base = statistics.median(res["bare"]["node_s"])
+    res["full_ratio"] = _r(full["median_s"] / base, 3)
     # what netlab adds on top of the tool: robust against the kernel's run-to-run spread
-    own = statistics.median(full_runs) - (res["full"]["parts"].get("apply") or 0.0)
-    res["overhead_ratio"] = _r(1 + own / base, 3)
+    res["overhead_ratio"] = _r(1 + (full["median_s"] - (full["parts"].get("apply") or 0.0)) / base, 3)
+    # the same in CPU seconds: robust against other work on the machine
+    res["cpu_ratio"] = _r(full["cpu_median_s"] / statistics.median(res["bare"]["node_cpu_s"]), 3)
     log(
-        f"  {mode.key}: full sync {statistics.median(full_runs):.3f} s (n={len(full_runs)}), bare {base:.3f} s, "
-        f"ratio {res['full_ratio']}"
+        f"  {mode.key}: full sync {full['median_s']:.3f} s (n={len(full['runs_s'])}, {full['parts']}), "
+        f"bare {base:.3f} s, ratio {res['full_ratio']}, CPU ratio {res['cpu_ratio']}"
     )
 
-    # -- 4a. whole-table restore over the synced node (a resync). It replaces filter and nat
-    # entirely, so an unchanged `iptables-save` proves it programs exactly what proxy.sync did.
-    if not is_nft:
-        synced = _normalized(_save_tables(ns, tool.save))
-        exp["whole_table"]["over_synced_s"] = [_timed_tool(ns_path, whole_argv, whole) for _ in range(min(repeat, 2))]
-        same = _normalized(_save_tables(ns, tool.save)) == synced
-        exp["whole_table"]["equal_to_sync"] = same
-        if not same:
-            problems.append("the whole-table restore left a different ruleset than proxy.sync")
+    # -- 3. one-service change
+    res["change"] = _change(run)
+    before = _changed_plans(rp)[0]
+    res["change"]["via_cli"] = _change_via_cli(run, topo, before)
+    res["cleanup_s"] = _r(_median(run.cleanups))
 
-    # -- 3. one-service change, partial sync, each way
-    before, after, rp_drop = _changed_plans(rp)
-    res_change: dict[str, Any] = {
-        "service": before.spn,
-        "change": f"drop endpoint {before.sorted_endpoints()[-1].addr}, then put it back",
-    }
-    log(f"  {mode.key}: {cfg['changes']} x one-service change ({before.spn}) and back")
-    drop_s: list[float] = []
-    readd_s: list[float] = []
-    csplits: list[dict[str, float]] = []
-    partial_payloads: list[str] = []
-    steps = ((rp_drop, rp, drop_s, after), (rp, rp_drop, readd_s, before))
-    # `changes` timed syncs, alternating drop / put back; an odd count ends with an untimed put-back
-    for i in range(cfg["changes"] + cfg["changes"] % 2):
-        target, prev, store, want = steps[i % 2]
-        total, split, payloads = _timed_sync(ns, target, prev)
-        if i < cfg["changes"]:
-            store.append(total)
-            csplits.append(split)
-            partial_payloads.append(payloads[0] if payloads else "")
-        if not _endpoints_ok(ns, mode, want):
-            problems.append(f"after a one-service change the kernel does not show {before.spn}'s endpoints")
-    allc = drop_s + readd_s
-    res_change.update(
-        runs_s=[_r(x) for x in allc],
-        median_s=_r(_median(allc)),
-        drop_median_s=_r(_median(drop_s)),
-        readd_median_s=_r(_median(readd_s)),
-        parts=_median_parts(csplits),
-        payload_lines=partial_payloads[0].count("\n"),
-    )
-    res["change"] = res_change
-    log(f"  {mode.key}: one-service change median {statistics.median(allc) * 1000:.1f} ms ({res_change['parts']})")
-
-    # -- 4b. what a partial sync could cost
-    state = _state_encodings(rp)
-    if not is_nft:
-        spn = before.spn
-        old_sub = ri.service_chains(rp.context, [before])["nat"]
-        t0 = time.perf_counter()
-        stale_sub = sorted(c for c in old_sub - ri.service_chains(rp.context, [after])["nat"] if ri.is_service_chain(c))
-        t_stale = time.perf_counter() - t0
-        stale_full = ri.stale_chains(rp.context, rp_drop.services, ri.service_chains(rp.context, rp.services)["nat"])
-        if stale_sub != stale_full:
-            problems.append(f"stale chains from the changed service {stale_sub} != from all services {stale_full}")
-        top_same = ri.render_iptables(rp.context, rp.services, only=()) == ri.render_iptables(
-            rp_drop.context, rp_drop.services, only=()
-        )
-        t_render_sub, _ = _best_of(lambda: ri.render_iptables(rp.context, [after], stale=stale_sub))
-        drop_min = minimal_partial_payload(
-            ri.render_iptables(rp.context, rp_drop.services, only={spn}, stale=stale_sub)
-        )
-        readd_min = minimal_partial_payload(ri.render_iptables(rp.context, rp.services, only={spn}))
-        mins: list[float] = []
-        if not top_same:
-            problems.append("the one-service change altered a top-level chain; the minimal payload does not apply")
-        for i in range(cfg["changes"] + cfg["changes"] % 2 if top_same else 0):
-            text, want = (drop_min, after) if i % 2 == 0 else (readd_min, before)
-            dt = _timed_tool(ns_path, argv, text)
-            if i < cfg["changes"]:
-                mins.append(dt)
-            if not _endpoints_ok(ns, mode, want):
-                problems.append("a minimal partial payload did not leave the service's endpoints as planned")
-        apply_min = _median(mins) or 0.0
-        exp["partial"] = {
-            "top_level_unchanged": top_same,
-            "payload_lines": drop_min.count("\n"),
-            "apply_min_s": _r(apply_min),
-            "apply_min_runs_s": [_r(x) for x in mins],
-            "stale_from_plans_s": _r(t_stale, 6),
-            "render_changed_only_s": _r(t_render_sub),
-            **state,
-            "projected_s": _r(t_stale + t_render_sub + apply_min + (state["pickle_tuples_s"] or 0.0)),
-        }
-        if _normalized(_save_tables(ns, tool.save)) != synced:
-            problems.append("after the partial syncs and the minimal payloads the ruleset is not the synced one")
-        exp["floor"] = _iptables_floor(ns_path, tool)
-    else:
-        # the delta rendered from the changed service alone, on both sides
-        t_sub, script_sub = _best_of(
-            lambda: rn.render_nftables(rp.context, [after], previous=rn.nft_state(rp.context, [before]))
-        )
-        exp["partial"] = {
-            "render_changed_only_s": _r(t_sub),
-            "same_script": script_sub == partial_payloads[0],
-            **state,
-        }
-        probe = (
-            "add chain ip kube-proxy bench-probe\nadd rule ip kube-proxy bench-probe counter\n"
-            "flush chain ip kube-proxy bench-probe\ndelete chain ip kube-proxy bench-probe\n"
-        )
-        jump = probe.replace("bench-probe counter", "bench-probe jump mark-for-masquerade")
-        exp["floor"] = {
-            "no_cache_s": _r(_median(_timed_tool(ns_path, argv, "add table ip kube-proxy\n") for _ in range(5))),
-            "add_rule_s": _r(_median(_timed_tool(ns_path, argv, probe) for _ in range(5))),
-            "add_jump_s": _r(_median(_timed_tool(ns_path, argv, jump) for _ in range(5))),
-        }
-        apply_now = res_change["parts"].get("apply") or 0.0
-        exp["partial"]["projected_s"] = _r(t_sub + apply_now + (state["pickle_tuples_s"] or 0.0))
-        if not exp["partial"]["same_script"]:
-            problems.append(
-                "the nftables delta rendered from the changed service alone differs from the partial sync's"
-            )
-
-    # -- 4c. render cost with the shorter hashing (same output)
-    def fn() -> str:
-        return rn.render_nftables(rp.context, rp.services) if is_nft else ri.render_iptables(rp.context, rp.services)
-
-    t_now, out_now = _best_of(fn, 2)
-
-    def fresh_cache() -> Any:
-        with _short_hashes():
-            return fn()
-
-    t_short, out_short = _best_of(fresh_cache, 2)
-    exp["render_hash"] = {"now_s": _r(t_now), "short_s": _r(t_short), "same_output": out_now == out_short}
-    if out_now != out_short:
-        problems.append("render with the shorter hashing differs")
-    res["variants"] = variants
-    res["experiments"] = exp
-    res["cleanup_s"] = _r(_median(cleanups))
-
-    # -- 3b. a one-service change as a user makes it: edit the topology's targetPort, `netlab up`
-    # (the installed CLI, timed); then back in-process (proxy.sync, untimed), as `up` would do it
-    port = TARGET_PORT + 1
-    topo.write_text(topology_yaml(n, mode, {before.name: port}))
-    up = _up(topo, log, f"{before.spn} targetPort {port}")
-    now = rules_state.load(LAB, NODE)
-    svc = next((s for s in now.services if s.spn == before.spn), None) if now else None
-    if now is None or svc is None or {e.port for e in svc.endpoints} != {port} or up["steps"] != 1:
-        problems.append(f"`netlab up` did not plan one sync with targetPort {port} for {before.spn}")
-    else:
-        if not _endpoints_ok(ns, mode, svc):
-            problems.append(f"after `netlab up` the kernel does not show {before.spn} on port {port}")
-        proxy.sync(LAB, NODE, ns, rp, now, ())
-        topo.write_text(topology_yaml(n, mode))
-    if not _endpoints_ok(ns, mode, before):
-        problems.append(f"after putting {before.spn}'s targetPort back the kernel does not show its endpoints")
-    res["change"]["via_cli"] = {"target_port": port, **up}
-
-    # -- 5. latency
+    # -- 4. latency
     targets = {
         "first": (positions["first"]["ip"], PORT),
         "last": (positions["last"]["ip"], PORT),
@@ -993,14 +1038,15 @@ def run_mode(
     lat = _latency(ns, targets, cfg["connections"])
     for key in ("first", "last"):
         lat[key].update(service=positions[key]["service"], position=positions[key]["position"])
-    problems += _latency_problems(lat, cfg["connections"])
+    run.problems += _latency_problems(lat, cfg["connections"])
     res["latency"] = lat
     log(
         f"  {mode.key}: first {lat['first']['median_us']} us, last {lat['last']['median_us']} us, "
         f"direct {lat['direct']['median_us']} us (medians)"
     )
-    res["problems"] = problems
-    res["ok"] = not problems
+    res["loadavg"].append(round(os.getloadavg()[0], 2))
+    res["problems"] = run.problems
+    res["ok"] = not run.problems
     return res
 
 
@@ -1051,7 +1097,8 @@ def _targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "binding": main,
             }
         )
-        ch = r["change"]["median_s"]
+        c = r["change"]
+        ch = c["median_s"]
         out.append(
             {
                 "what": "one-service change (s)",
@@ -1061,6 +1108,12 @@ def _targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "target": TARGET_CHANGE_S,
                 "met": ch is not None and ch <= TARGET_CHANGE_S,
                 "binding": main,
+                # the same run's floor (iptables: any restore on the node; nftables: the bare
+                # delta) and what netlab adds to its own kernel apply
+                "floor": c["floor_s"],
+                "floor_above_target": c["floor_s"] is not None and c["floor_s"] > TARGET_CHANGE_S,
+                "own": c["own_s"],
+                "kube_proxy": KUBE_PROXY_CHANGE_S,
             }
         )
         lat = r["latency"]
@@ -1085,6 +1138,19 @@ def _targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _commit() -> str:
+    """The checkout's commit, "+dirty" when netlab/ differs from it (what the numbers belong to)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "netlab"], capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def services(
@@ -1114,6 +1180,7 @@ def services(
     return {
         "command": command,
         "machine": {**machine(), "tools": _tool_versions()},
+        "commit": _commit(),
         "lab": (
             f"1 node; deployment {WEB} x{REPLICAS} serving {TARGET_PORT}; pod {CLIENT}; "
             f"N services port {PORT} -> {TARGET_PORT}"
@@ -1139,45 +1206,56 @@ def _f(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
 
-def print_tables(data: dict[str, Any], console: Any) -> None:
+def _table(title: str, *columns: str) -> Any:
     from rich.table import Table
 
+    return Table(*columns, box=None, padding=(0, 1, 0, 0), pad_edge=False, title=title)
+
+
+def print_tables(data: dict[str, Any], console: Any) -> None:
+    if not console.is_terminal:  # a file or a pipe gets the tables whole, not wrapped at 80 columns
+        from rich.console import Console
+
+        console = Console(file=console.file, width=200, highlight=False, soft_wrap=True)
     m = data["machine"]
     tools = m["tools"]
     console.print(
         f"[bold]services benchmark[/bold]: {data['lab']}; {m['nproc']} CPUs, Linux {m['kernel']}; "
-        f"{tools['iptables']}, {tools['nft']}; total {data['total_s']} s"
+        f"{tools['iptables']}, {tools['nft']}; commit {data.get('commit')}; total {data['total_s']} s"
     )
-    t = Table(
-        "SVC", "MODE", "FULL s", "n", "render", "apply", "jumps", "BARE node", "fresh", "RATIO", "OWN",
-        box=None, padding=(0, 1, 0, 0), pad_edge=False, title="full programming (s)",
+    t = _table(
+        "full programming (s)", "SVC", "MODE", "FULL", "n", "read", "check", "render", "apply", "save", "other",
+        "BARE node", "fresh", "RATIO", "OWN", "CPU RATIO", "kube-proxy --noflush",
     )  # fmt: skip
     for r in data["runs"]:
-        fp = r["full"]["parts"]
+        fp, b = r["full"]["parts"], r["bare"]
+        kp = b.get("kube_proxy")
         t.add_row(
             str(r["services"]), r["mode"], _f(r["full"]["median_s"], digits=3), str(len(r["full"]["runs_s"])),
-            _f(fp.get("render")), _f(fp.get("apply")), _f(fp.get("jumps")),
-            _f(_median(r["bare"]["node_s"]), digits=3), _f(_median(r["bare"]["fresh_s"]), digits=3),
-            _f(r["full_ratio"]), _f(r["overhead_ratio"]),
+            *(_f(fp.get(k), digits=3) for k in ("read", "check", "render", "apply", "save", "other")),
+            _f(_median(b["node_s"]), digits=3), _f(_median(b["fresh_s"]), digits=3),
+            _f(r["full_ratio"]), _f(r["overhead_ratio"]), _f(r["cpu_ratio"]),
+            _f(_median(kp["node_s"]), digits=3) if kp else "-",
         )  # fmt: skip
     console.print(t)
-    t = Table(
-        "SVC", "MODE", "1-SVC", "read", "prepare", "render", "apply", "save", "via netlab up",
-        box=None, padding=(0, 1, 0, 0), pad_edge=False, title="one-service change (ms)",
+    t = _table(
+        "one-service change (ms)", "SVC", "MODE", "1-SVC", "diff", "prepare", "render", "apply", "save", "other",
+        "OWN", "BARE delta", "FLOOR", "CPU", "BARE CPU", "lines", "via netlab up",
     )  # fmt: skip
     for r in data["runs"]:
         c = r["change"]
         cp = c["parts"]
-        cli = _f(c["via_cli"]["wall_s"], 1000, 0) if "via_cli" in c else ""
         t.add_row(
-            str(r["services"]), r["mode"], _f(c["median_s"], 1000, 1), _f(cp.get("read"), 1000, 0),
-            _f(cp.get("prepare"), 1000, 0), _f(cp.get("render"), 1000, 0), _f(cp.get("apply"), 1000, 0),
-            _f(cp.get("save"), 1000, 0), cli or "-",
+            str(r["services"]), r["mode"], _f(c["median_s"], 1000, 1),
+            *(_f(cp.get(k), 1000, 1) for k in ("diff", "prepare", "render", "apply", "save", "other")),
+            _f(c["own_s"], 1000, 1), _f(c["bare_median_s"], 1000, 1), _f(c["floor_s"], 1000, 1),
+            _f(c["cpu_median_s"], 1000, 1), _f(c["bare_cpu_median_s"], 1000, 1),
+            str(c["payload_lines"]), _f(c["via_cli"]["wall_s"], 1000, 0) if "via_cli" in c else "-",
         )  # fmt: skip
     console.print(t)
-    t = Table(
-        "SVC", "MODE", "FIRST med µs", "p99", "LAST med µs", "p99", "DIRECT med µs", "LAST-FIRST µs", "n",
-        box=None, padding=(0, 1, 0, 0), pad_edge=False, title="first-connection latency",
+    t = _table(
+        "first-connection latency", "SVC", "MODE", "FIRST med µs", "p99", "LAST med µs", "p99", "DIRECT med µs",
+        "LAST-FIRST µs", "n",
     )  # fmt: skip
     for r in data["runs"]:
         lat = r["latency"]
@@ -1190,51 +1268,45 @@ def print_tables(data: dict[str, Any], console: Any) -> None:
             str(lat["first"]["n"]),
         )  # fmt: skip
     console.print(t)
-    t = Table("SVC", "MODE", "WHAT-IF", "s", box=None, padding=(0, 1, 0, 0), pad_edge=False, title="what-if (by hand)")
+    t = _table("floors, netlab's own costs, what-ifs", "SVC", "MODE", "WHAT", "ms")
     for r in data["runs"]:
-        e, v = r["experiments"], r["variants"]
+        c = r["change"]
+        fl = c["floor"]
         rows: list[tuple[str, float | None]] = []
-        if "whole_table" in e:
-            w = e["whole_table"]
+        if "no_cache_s" in fl:
             rows += [
-                ("full: whole-table restore, jumps in payload (fresh netns)", _median(w["fresh_s"])),
-                ("full: whole-table restore over the synced node", _median(w["over_synced_s"])),
-                ("bare fresh netns without --noflush (reference)", _median(r["bare"]["fresh_no_noflush_s"])),
+                ("floor: nft -f without a cache (add table)", fl["no_cache_s"]),
+                ("floor: nft -f, one rule into a scratch chain", fl["add_rule_s"]),
+                ("floor: nft -f, one jump into a scratch chain", fl["add_jump_s"]),
             ]
-        if "rules" in v:
+        else:
             rows += [
-                ("full: endpoint_dispatch=rules (node, after cleanup)", _median(v["rules"]["node_s"])),
-                ("full: one named map per service (fresh netns)", _median(v["named_maps"]["fresh_s"])),
+                ("floor: one-rule restore into a scratch chain", fl["add_rule_s"]),
+                ("floor: the same with a jump", fl["add_jump_s"]),
             ]
-        p = e["partial"]
-        if "apply_min_s" in p:
-            rows.append(("1-svc: kernel apply without unchanged top-level chains", p["apply_min_s"]))
+        st = c["state_record"]
         rows += [
-            ("1-svc: render only the changed service", p["render_changed_only_s"]),
-            ("1-svc: state record as tuples (now: pickle of RulesPlan)", p["pickle_tuples_s"]),
-            ("1-svc: projected total", p["projected_s"]),
+            ("netlab up: RulesPlan fingerprint (twice per up)", c["fingerprint_s"]),
+            ("state record: pickle of the RulesPlan (now)", st["pickle_rulesplan_s"]),
+            ("what-if: state record as plain tuples", st["pickle_tuples_s"]),
         ]
-        f = e.get("floor", {})
-        if "no_cache_s" in f:
-            rows.append(("floor: nft -f without a cache (add table)", f["no_cache_s"]))
-        rows += [
-            ("floor: one rule into a scratch chain, plain verdict", f.get("add_rule_s")),
-            ("floor: one rule into a scratch chain, a jump", f.get("add_jump_s")),
-        ]
-        rows.append(
-            (
-                f"full render with 10-byte base32 hashing (now {e['render_hash']['now_s']:.3f} s)",
-                e["render_hash"]["short_s"],
-            )
-        )
+        v = r.get("variants")
+        if v:
+            rows += [
+                ("what-if full: endpoint_dispatch=rules (node, after cleanup)", _median(v["rules"]["node_s"])),
+                ("what-if full: one named map per service (fresh netns)", _median(v["named_maps"]["fresh_s"])),
+            ]
         for what, s in rows:
-            t.add_row(str(r["services"]), r["mode"], what, _f(s, digits=3))
+            t.add_row(str(r["services"]), r["mode"], what, _f(s, 1000, 1))
     console.print(t)
     for q in data["targets"]:
         verdict = "[green]met[/green]" if q["met"] else "[red]missed[/red]"
         tgt = "" if q["target"] is None else f" (target {q['target']})"
         note = "" if q["binding"] else " [dim](informational)[/dim]"
-        console.print(f"N={q['services']} {q['mode']}: {q['what']} = {q['value']}{tgt}: {verdict}{note}")
+        floor = ""
+        if "floor" in q:
+            floor = f"; floor {_f(q['floor'], digits=3)}, netlab's own {_f(q['own'], digits=3)}"
+        console.print(f"N={q['services']} {q['mode']}: {q['what']} = {q['value']}{tgt}: {verdict}{floor}{note}")
     for r in data["runs"]:
         for p in r["problems"]:
             console.print(f"[red]N={r['services']} {r['mode']}: {p}[/red]")

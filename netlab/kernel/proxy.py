@@ -42,15 +42,21 @@ def sync(lab: str, node: str, ns: str, rp: RulesPlan, previous: RulesPlan | None
     """Program `rp` on the node; `clean` names the rule sets to remove first (SyncRules.cleanup)."""
     for rule_set in clean:
         _cleanup_rule_set(ns, rule_set)
-    if rp.mode == ProxyMode.IPTABLES:
-        _sync_iptables(ns, rp, previous)
-    elif rp.mode == ProxyMode.NFTABLES:
-        _sync_nftables(ns, rp, previous)
-    else:
-        from netlab.errors import FeatureError
+    # The state record is pickled in a thread while the sync waits for iptables-restore / nft
+    # (the GIL is free then), and written only once the rules are in: at 10k services this
+    # takes its ~70 ms off a one-service change.
+    with rules.while_tools_run(functools.partial(rules_state.encode, rp)) as record:
+        if rp.mode == ProxyMode.IPTABLES:
+            _sync_iptables(ns, rp, previous)
+        elif rp.mode == ProxyMode.NFTABLES:
+            _sync_nftables(ns, rp, previous)
+        else:
+            from netlab.errors import FeatureError
 
-        raise FeatureError(f"proxyMode {rp.mode} is not available in this version of netlab; use iptables or nftables")
-    rules_state.save(lab, node, rp)
+            raise FeatureError(
+                f"proxyMode {rp.mode} is not available in this version of netlab; use iptables or nftables"
+            )
+    rules_state.write(lab, node, record.result())
 
 
 def _sync_iptables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:

@@ -9,17 +9,24 @@ the node's network namespace (`nsenter --net`), so every table they touch is the
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import errno
 import functools
 import re
 import socket
 import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pyroute2.nftables.main import NFTables
 
 from netlab.errors import FeatureError, KernelError
 from netlab.kernel import netns
+
+T = TypeVar("T")
 
 __all__ = [
     "IptablesTool",
@@ -35,6 +42,7 @@ __all__ = [
     "nft_list",
     "parse_iptables_save",
     "run",
+    "while_tools_run",
 ]
 
 NFT_TABLE = ("ip", "kube-proxy")
@@ -81,14 +89,65 @@ def _auto_backend() -> str:
     return "legacy" if "(legacy)" in r.stdout else "nft"
 
 
+class _IdleWork(threading.local):
+    """Work a sync hands over to run while a tool is busy (per thread)."""
+
+    task: concurrent.futures.Future[Any] | None = None
+    fn: Callable[[], Any] | None = None
+
+
+_idle = _IdleWork()
+
+
+@contextlib.contextmanager
+def while_tools_run(fn: Callable[[], T]) -> Iterator[concurrent.futures.Future[T]]:
+    """Run `fn` in a thread once the first tool of this block has started (its process works in
+    the kernel while our thread only waits, GIL released), or at the end of the block if no
+    tool ran. Starting it earlier would only share the GIL with the render it waits behind."""
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+    _idle.fn, _idle.task = fn, fut
+    try:
+        yield fut
+    finally:
+        pending, _idle.fn, _idle.task = _idle.fn, None, None
+        if pending is not None:  # no tool ran: do it here
+            _run_into(fut, pending)
+        else:
+            fut.exception()  # wait for the thread (result or error stays in the future)
+
+
+def _run_into(fut: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+        fut.set_exception(exc)
+
+
+def _start_idle_work() -> None:
+    fn, fut = _idle.fn, _idle.task
+    if fn is None or fut is None:
+        return
+    _idle.fn = None
+    threading.Thread(target=_run_into, args=(fut, fn), name="netlab-idle-work", daemon=True).start()
+
+
 def run(ns: str, argv: list[str], *, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a tool inside netns `ns` (only the network namespace changes)."""
+    cmd = ["nsenter", f"--net={netns.path(ns)}", *argv]
     try:
-        r = subprocess.run(
-            ["nsenter", f"--net={netns.path(ns)}", *argv], input=stdin, capture_output=True, text=True, check=False
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     except FileNotFoundError as exc:
         raise FeatureError(f"{exc.filename} is not installed; run `sudo scripts/setup`") from None
+    _start_idle_work()
+    with proc:
+        out, err = proc.communicate(stdin)
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if r.returncode == 127 or "No such file or directory" in r.stderr and argv[0] in r.stderr:
         raise FeatureError(f"{argv[0]} is not installed; run `sudo scripts/setup`")
     if check and r.returncode != 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from netlab.plan.model import RulesPlan
 
-__all__ = ["STATE_DIR", "forget", "load", "save"]
+__all__ = ["STATE_DIR", "encode", "forget", "load", "save", "write"]
 
 STATE_DIR = Path("/run/netlab")
 
@@ -31,13 +31,23 @@ def load(lab: str, node: str) -> RulesPlan | None:
     return value if isinstance(value, RulesPlan) else None
 
 
-def save(lab: str, node: str, plan: RulesPlan) -> None:
+def encode(plan: RulesPlan) -> bytes:
+    """The record's bytes. At 10k services this is ~70 ms of pickling (40k IPv4Address objects),
+    so a sync computes it while the tool it runs is busy in the kernel (see proxy.sync)."""
+    return pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def write(lab: str, node: str, data: bytes) -> None:
     path = _path(lab, node)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(plan, f)
+        f.write(data)
     os.replace(tmp, path)  # atomic: a crash leaves the old record or the new one
+
+
+def save(lab: str, node: str, plan: RulesPlan) -> None:
+    write(lab, node, encode(plan))
 
 
 def forget(lab: str, node: str) -> None:
