@@ -2,6 +2,7 @@
 
     KUBE-SERVICES -> KUBE-SVC-<hash> -> KUBE-SEP-<hash> -> DNAT ip:port      (iptables)
     service-ips map -> service-<hash>-ns/name/proto/port -> endpoint-<hash>-... -> dnat  (nftables)
+    virtual server ip:port -> real servers (Masq, weight, connections), as `ipvsadm -Ln`  (IPVS)
 
 Input is the tools' own output (`iptables-save -c`, `nft list table ip kube-proxy`), so the
 tree shows what the kernel has, with live packet counters where the mode keeps them.
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
-__all__ = ["ServiceTree", "iptables_tree", "nft_tree"]
+from netlab.render.ipvs import RealServer, VirtualServer, ipvsadm_header, ipvsadm_lines, ipvsadm_order
+
+__all__ = ["IpvsView", "ServiceTree", "iptables_tree", "nft_tree", "parse_ipvsadm"]
 
 
 @dataclass
@@ -188,3 +192,156 @@ def nft_tree(listing: str) -> ServiceTree:
         for key, comment, target in re.findall(pattern, text):
             rejects.append(Hop(name, target, f'"{comment}" {key}' if comment else key))
     return ServiceTree("nftables", entries, rejects)
+
+
+# --- IPVS mode -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class IpvsView:
+    """kube-proxy's IPVS mode on one node, as the kernel holds it: the IPVS table (with live
+    connection counters), the ClusterIPs on kube-ipvs0, the ipsets and the fixed iptables rules."""
+
+    version: str
+    size: int
+    virtual_servers: list[VirtualServer]
+    addresses: list[IPv4Address]
+    ipsets: str  # `ipset save`
+    iptables: str  # `iptables-save -c`, nat and filter
+    device: str = "kube-ipvs0"
+
+    def table(self) -> str:
+        """`ipvsadm -Ln`, byte for byte (same order, same columns)."""
+        return ipvsadm_header(self.version, self.size) + ipvsadm_lines(self.virtual_servers)
+
+    def sets(self) -> list[tuple[str, str, list[str]]]:
+        """(name, type, entries) of every KUBE-* set, in the kernel's order."""
+        out: dict[str, tuple[str, str, list[str]]] = {}
+        for line in self.ipsets.splitlines():
+            parts = line.split(" ")
+            if len(parts) >= 3 and parts[1].startswith("KUBE-"):
+                if parts[0] == "create":
+                    out[parts[1]] = (parts[1], parts[2], [])
+                elif parts[0] == "add" and parts[1] in out:
+                    out[parts[1]][2].append(parts[2])
+        return list(out.values())
+
+    def rules(self) -> list[tuple[str, str, int | None, list[str]]]:
+        """(table, chain, packets, args) of kube-proxy's rules: its KUBE-* chains and the jumps to them."""
+        out = []
+        for table, chains in _parse_save(self.iptables).items():
+            for chain, entries in chains.items():
+                for packets, args in entries:
+                    target = _opt(args, "-j") or ""
+                    if chain.startswith("KUBE-") or target.startswith("KUBE-"):
+                        out.append((table, chain, packets, args))
+        return out
+
+    def save(self) -> str:
+        """The tools' own listings, one after the other (`netlab rules --format save`)."""
+        return (
+            f"# ipvsadm -Ln\n{self.table()}\n# ip -4 addr show {self.device}\n"
+            + "".join(f"{a}/32\n" for a in self.addresses)
+            + f"\n# ipset save\n{self.ipsets}\n# iptables-save -c\n{self.iptables}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "ipvs",
+            "version": self.version,
+            "virtualServers": [
+                {
+                    "protocol": v.protocol,
+                    "address": str(v.ip),
+                    "port": v.port,
+                    "scheduler": v.scheduler,
+                    "flags": v.flags,
+                    "persistent": v.timeout if v.persistent else None,
+                    "realServers": [
+                        {
+                            "address": str(r.ip),
+                            "port": r.port,
+                            "forward": r.forward_name,
+                            "weight": r.weight,
+                            "activeConn": r.active,
+                            "inActConn": r.inactive,
+                        }
+                        for r in v.real_servers
+                    ],
+                }
+                for v in ipvsadm_order(self.virtual_servers)
+            ],
+            self.device: [str(a) for a in self.addresses],
+            "ipsets": [{"name": n, "type": t, "entries": e} for n, t, e in self.sets()],
+            "iptables": [
+                {"table": t, "chain": c, "packets": p, "rule": " ".join(_quote_arg(a) for a in args)}
+                for t, c, p, args in self.rules()
+            ],
+        }
+
+    def format(self, *, limit: int = 20) -> str:
+        """The readable view: the IPVS table, kube-ipvs0's addresses, the ipsets that hold
+        something (longer ones cut at `limit` entries), then the rules with their packet counters."""
+
+        def some(items: list[str]) -> str:
+            more = f" ... ({len(items)} in all)" if len(items) > limit else ""
+            return " ".join(items[:limit]) + more
+
+        lines = [self.table().rstrip("\n"), ""]
+        lines.append(f"{self.device} (dummy, down): " + (some([str(a) for a in self.addresses]) or "no addresses"))
+        sets = self.sets()
+        lines += ["", "ipsets:"]
+        lines += [f"  {name} ({typ}): {some(entries)}" for name, typ, entries in sets if entries]
+        empty = [name for name, _, entries in sets if not entries]
+        if empty:
+            lines.append("  empty: " + ", ".join(empty))
+        lines += ["", "iptables (kube-proxy's chains and the jumps to them; packets):"]
+        for table, chain, packets, args in self.rules():
+            count = f"{packets:>8} " if packets is not None else ""
+            lines.append(f"  {count}{table:<6} {chain:<22} " + " ".join(_quote_arg(a) for a in args))
+        return "\n".join(lines) + "\n"
+
+
+def _quote_arg(arg: str) -> str:
+    return f'"{arg}"' if " " in arg or not arg else arg
+
+
+_SERVICE_LINE = re.compile(r"^(TCP|UDP|SCTP)  (\S+):(\d+) (\S+)(?: \((\S+)\))?(?: persistent (\d+))?")
+_DEST_LINE = re.compile(r"^  -> (\S+):(\d+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)")
+
+
+def parse_ipvsadm(text: str) -> list[VirtualServer]:
+    """`ipvsadm -Ln` output back into virtual servers (for an independent read-back in tests)."""
+    from netlab.render.ipvs import FLAG_PERSISTENT, FLAG_SOURCE_HASH
+
+    fwd = {"Masq": 0, "Local": 1, "Tunnel": 2, "Route": 3, "Bypass": 4}
+    out: list[VirtualServer] = []
+    cur: tuple[str, IPv4Address, int, str, int, int] | None = None
+    dests: list[RealServer] = []
+
+    def close() -> None:
+        if cur is not None:
+            out.append(VirtualServer(*cur, real_servers=tuple(dests)))
+
+    for line in text.splitlines():
+        m = _SERVICE_LINE.match(line)
+        if m:
+            close()
+            flags = (FLAG_PERSISTENT if m.group(6) else 0) | (FLAG_SOURCE_HASH if "-port" in (m.group(5) or "") else 0)
+            cur = (m.group(1), IPv4Address(m.group(2)), int(m.group(3)), m.group(4), flags, int(m.group(6) or 0))
+            dests = []
+            continue
+        d = _DEST_LINE.match(line)
+        if d and cur is not None:
+            dests.append(
+                RealServer(
+                    IPv4Address(d.group(1)),
+                    int(d.group(2)),
+                    weight=int(d.group(4)),
+                    forward=fwd.get(d.group(3), -1),
+                    active=int(d.group(5)),
+                    inactive=int(d.group(6)),
+                )
+            )
+    close()
+    return out

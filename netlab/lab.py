@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab.errors import FeatureError, LabError, PrivilegeError
+from netlab.errors import LabError, PrivilegeError
 from netlab.kernel import build, features, netns, observe, proxy
 from netlab.plan import LabPlan, Plan, plan, resolve
 from netlab.plan.steps import (
@@ -181,12 +181,12 @@ def up(file: str | Path, progress: Progress | None = None) -> UpResult:
     t0 = time.perf_counter()
     topo = load(file)
     with _lock(topo.name), _sigterm_as_interrupt():
-        if topo.cluster.proxy_mode == ProxyMode.IPVS:
-            raise FeatureError(
-                f"{file}: cluster.proxyMode: ipvs is not available in this version of netlab (it needs the IPVS "
-                "kernel module and the real-kernel VM tier, which come next); use iptables or nftables"
-            )
-        features.check(vxlan=topo.cluster.overlay == Overlay.VXLAN)
+        # proxyMode ipvs on a kernel without IPVS stops here, naming `netlab vm -- netlab up FILE`
+        features.check(
+            vxlan=topo.cluster.overlay == Overlay.VXLAN,
+            ipvs=topo.cluster.proxy_mode == ProxyMode.IPVS,
+            file=str(file),
+        )
         _, p = plan_file(file, observe_kernel=True, topo=topo)
         if not p.empty:
             state = build.STATE_DIR / topo.name

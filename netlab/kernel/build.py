@@ -315,8 +315,11 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
 # --- processes in the lab ------------------------------------------------------------------
 
 
-def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float = 10.0) -> None:
-    """Start one responder process per pod (all at once), wait until each has bound its ports."""
+def start_responders(lab: str, pods: list[PodPlan], undo: Undo, timeout: float = 60.0) -> None:
+    """Start one responder process per pod (all at once), wait until each has bound its ports.
+
+    Each is a Python process: under an emulated CPU (the VM tier, no KVM) seven of them starting
+    together took over 10 s, hence the generous deadline (they are usually ready in ~0.2 s)."""
     logdir = STATE_DIR / lab / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
     started: list[tuple[PodPlan, subprocess.Popen[bytes]]] = []

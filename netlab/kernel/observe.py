@@ -160,9 +160,14 @@ def observe_rules(lab: str, node: str, ns: str) -> ObservedRules:
     last = rules_state.load(lab, node)
     recorded = rules.IptablesTool(last.iptables_backend if last else "auto")
     held = {b: rules.has_kube_services(ns, rules.IptablesTool(b)) for b in ("nft", "legacy")}
+    from netlab.kernel import proxy_ipvs
+
+    ipvs = proxy_ipvs.has_ipvs(ns)
     return ObservedRules(
         iptables=held[recorded.concrete],
         nftables=rules.has_nft_table(ns),
+        ipvs=ipvs,
+        ipvs_draining=ipvs and bool(proxy_ipvs.draining(ns)),
         last=last,
         iptables_leftovers=tuple(
             ObservedRules.iptables_rule_set(b) for b, there in held.items() if there and b != recorded.concrete

@@ -50,6 +50,10 @@ def sync(lab: str, node: str, ns: str, rp: RulesPlan, previous: RulesPlan | None
             _sync_iptables(ns, rp, previous)
         elif rp.mode == ProxyMode.NFTABLES:
             _sync_nftables(ns, rp, previous)
+        elif rp.mode == ProxyMode.IPVS:
+            from netlab.kernel import proxy_ipvs
+
+            proxy_ipvs.sync_ipvs(ns, rp, previous)
         else:
             from netlab.errors import FeatureError
 
@@ -189,9 +193,12 @@ def _sync_nftables(ns: str, rp: RulesPlan, previous: RulesPlan | None) -> None:
 
 
 def _cleanup_rule_set(ns: str, rule_set: str) -> None:
-    """`rule_set` as SyncRules.cleanup names it: "nftables" or an iptables tool name."""
+    """`rule_set` as SyncRules.cleanup names it: "nftables", an iptables tool name, or "ipvs"
+    ("ipvs-legacy", ...: IPVS mode with the iptables backend it used for its fixed rules)."""
     if rule_set == "nftables":
         cleanup(ns, "nftables")
+    elif rule_set.startswith("ipvs"):
+        cleanup(ns, "ipvs", previous_backend=ObservedRules.iptables_backend_of(rule_set))
     else:
         cleanup(ns, "iptables", previous_backend=ObservedRules.iptables_backend_of(rule_set))
 
@@ -200,6 +207,12 @@ def cleanup(ns: str, mode: str, *, previous_backend: str = "auto") -> None:
     """Remove one mode's kube-proxy objects from a node (kube-proxy's CleanupLeftovers)."""
     if mode == "nftables":
         rules.delete_nft_table(ns)
+        return
+    if mode == "ipvs":
+        # its jumps and chains, then the ipsets they use, the IPVS table and kube-ipvs0
+        from netlab.kernel import proxy_ipvs
+
+        proxy_ipvs.cleanup_ipvs(ns, iptables_backend=previous_backend)
         return
     from netlab.render import iptables as render
 

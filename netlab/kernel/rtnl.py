@@ -22,7 +22,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netlab.errors import KernelError
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "batch_socket"]
 
 NETLINK_ROUTE = 0
 NLM_F_REQUEST = 0x1
@@ -45,13 +45,35 @@ _HDR = struct.Struct("=LHHLL")
 _CHUNK = 64 * 1024  # stay well below the socket's send buffer
 
 
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33
+
+
+def batch_socket(protocol: int) -> socket.socket:
+    """A netlink socket that can take the acks of a whole batch.
+
+    Every request gets an ack, and by default an ack carries a copy of its request: the acks of
+    one 64 KiB send can exceed the receive buffer, which SO_RCVBUF caps at net.core.rmem_max
+    (416 KiB by default), and recv() then fails with ENOBUFS (seen at 1000 services: the IPVS
+    commit, then binding the ClusterIPs). NETLINK_CAP_ACK makes acks header-only (20 bytes of
+    error + header), and as root SO_RCVBUFFORCE lifts the cap for this socket alone.
+    """
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    return sock
+
+
 class Batch:
     """Queue rtnetlink requests, send them together with `commit()`."""
 
     def __init__(self, where: str) -> None:
         self.where = where  # the namespace, for error messages
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock = batch_socket(NETLINK_ROUTE)
         self.sock.bind((0, 0))
         self.seq = 0
         self.queue: list[tuple[int, bytes, str]] = []

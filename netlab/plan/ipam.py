@@ -182,6 +182,7 @@ def resolve(topo: Topology, source: str = "", observed: ObservedLab | None = Non
         ),
         services=resolve_services(topo.services, pods, c.service_cidr),
         iptables_backend=c.iptables_backend,
+        ipvs_scheduler=c.ipvs_scheduler,
     )
     names: dict[str, str] = {}
     for ns in plan.netns_names:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netlab.render.model import NodeContext, ServicePort
-from netlab.topology.schema import Overlay, ProxyMode, ServePort
+from netlab.topology.schema import IpvsScheduler, Overlay, ProxyMode, ServePort
 
 __all__ = [
     "ExternalPlan",
@@ -173,6 +173,7 @@ class LabPlan:
     external: ExternalPlan | None = None
     services: tuple[ServicePort, ...] = ()
     iptables_backend: str = "auto"
+    ipvs_scheduler: IpvsScheduler = IpvsScheduler.RR
 
     def rules(self, node: NodePlan) -> RulesPlan:
         """kube-proxy's input on `node`: detect-local by the cluster's pod CIDR (--cluster-cidr)."""
@@ -181,6 +182,7 @@ class LabPlan:
             node_ips=(node.ip.ip,),
             cluster_cidr=self.pod_cidr,
             service_cidrs=(self.service_cidr,),
+            ipvs_scheduler=self.ipvs_scheduler,
         )
         return RulesPlan(self.proxy_mode, self.iptables_backend, context, self.services)
 
@@ -219,6 +221,8 @@ class ObservedRules:
 
     iptables: bool = False  # nat KUBE-SERVICES is in effect, in the backend `last` used (auto without it)
     nftables: bool = False  # table ip kube-proxy exists
+    ipvs: bool = False  # kube-ipvs0 exists (IPVS mode; its fixed iptables rules are then its own)
+    ipvs_draining: bool = False  # real servers at weight 0 wait for a sync to remove them
     last: RulesPlan | None = None
     # the other iptables backend's rule set when it holds kube-proxy's rules too (an
     # iptablesBackend switch left them): e.g. ("iptables-legacy",)

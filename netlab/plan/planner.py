@@ -111,12 +111,21 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
     for node in desired.nodes:
         want_rules = desired.rules(node)
         obs_rules = kept[node.name].rules if node.name in kept else None
-        present = {"iptables": obs_rules.iptables, "nftables": obs_rules.nftables} if obs_rules else {}
+        present = (
+            {
+                "iptables": obs_rules.iptables and not obs_rules.ipvs,
+                "nftables": obs_rules.nftables,
+                "ipvs": obs_rules.ipvs,
+            }
+            if obs_rules
+            else {}
+        )
         cleanup = _rules_cleanup(want_rules, obs_rules) if obs_rules else ()
         last = obs_rules.last if obs_rules and present.get(str(want_rules.mode)) else None
         if last is not None and (last.mode != want_rules.mode or last.iptables_backend != want_rules.iptables_backend):
             last = None
-        if last is not None and last.fingerprint == want_rules.fingerprint and not cleanup:
+        draining = obs_rules is not None and obs_rules.ipvs_draining  # graceful removals to finish
+        if last is not None and last.fingerprint == want_rules.fingerprint and not cleanup and not draining:
             continue
         creates.append(SyncRules(desired.name, node, want_rules, previous=last, cleanup=cleanup))
     creates += responders
@@ -131,7 +140,12 @@ def _rules_cleanup(want: RulesPlan, obs: ObservedRules) -> tuple[str, ...]:
     recorded = ObservedRules.iptables_rule_set(obs.last.iptables_backend if obs.last else "auto")
     wanted = ObservedRules.iptables_rule_set(want.iptables_backend) if want.mode == ProxyMode.IPTABLES else None
     out = []
-    if obs.iptables and recorded != wanted:
+    if obs.ipvs:
+        # IPVS mode's KUBE-SERVICES (match-set rules) is its own: "ipvs" removes it with the
+        # ipsets, virtual servers and kube-ipvs0, first (its rules reference the sets)
+        if want.mode != ProxyMode.IPVS or want.iptables_backend != (obs.last.iptables_backend if obs.last else "auto"):
+            out.append("ipvs" + recorded.removeprefix("iptables"))
+    elif obs.iptables and recorded != wanted:
         out.append(recorded)
     if obs.nftables and want.mode != ProxyMode.NFTABLES:
         out.append("nftables")

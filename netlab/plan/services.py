@@ -104,6 +104,7 @@ def resolve_services(
                     internal_local=svc.internal_traffic_policy == TrafficPolicy.LOCAL,
                     external_local=svc.external_traffic_policy == TrafficPolicy.LOCAL,
                     endpoints=tuple(sorted(endpoints, key=lambda e: e.addr)),
+                    ipvs_scheduler=svc.ipvs_scheduler,
                 )
             )
     return tuple(out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from netlab.topology.schema import Protocol
+from netlab.topology.schema import IpvsScheduler, Protocol
 
 __all__ = ["Endpoint", "NodeContext", "ServicePort"]
 
@@ -45,6 +45,7 @@ class ServicePort:
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
     endpoints: tuple[Endpoint, ...] = ()
+    ipvs_scheduler: IpvsScheduler | None = None  # IPVS mode: this service's scheduler; None = the node's
 
     @property
     def spn(self) -> str:
@@ -75,6 +76,7 @@ class NodeContext:
     service_cidrs: tuple[IPv4Network, ...] = ()  # nftables: drop traffic to unallocated ClusterIPs
     masquerade_bit: int = 14  # mark 1<<14 = 0x4000
     random_fully: bool = True  # MASQUERADE --random-fully (kube-proxy's unit-test fake lacks it)
+    ipvs_scheduler: IpvsScheduler = IpvsScheduler.RR  # IPVS mode: --ipvs-scheduler
 
     @property
     def masquerade_mark(self) -> str:

@@ -74,6 +74,7 @@ _ALIASES = {
     "proxy_mode": "proxyMode",
     "vxlan_port": "vxlanPort",
     "iptables_backend": "iptablesBackend",
+    "ipvs_scheduler": "ipvsScheduler",
 }
 
 

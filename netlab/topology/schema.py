@@ -19,6 +19,7 @@ from pydantic_core import CoreSchema
 
 __all__ = [
     "Cluster",
+    "IpvsScheduler",
     "NodeSpec",
     "Overlay",
     "PodSpec",
@@ -49,6 +50,20 @@ class ProxyMode(StrEnum):
 
 
 IptablesBackend = Literal["auto", "nft", "legacy"]
+
+
+class IpvsScheduler(StrEnum):
+    """IPVS schedulers kube-proxy's IPVS mode can use (`--ipvs-scheduler`; kernel module ip_vs_<name>)."""
+
+    RR = "rr"  # round robin (kube-proxy's default)
+    WRR = "wrr"  # weighted round robin
+    LC = "lc"  # least connections
+    WLC = "wlc"  # weighted least connections
+    SH = "sh"  # source hashing
+    DH = "dh"  # destination hashing
+    SED = "sed"  # shortest expected delay
+    NQ = "nq"  # never queue
+    MH = "mh"  # maglev hashing (kube-proxy also sets the source-hash flag for it)
 
 
 class Protocol(StrEnum):
@@ -152,6 +167,11 @@ class Cluster(_Model):
     )
     overlay: Overlay = Overlay.VXLAN
     proxy_mode: ProxyMode = Field(default=ProxyMode.IPTABLES, alias="proxyMode")
+    ipvs_scheduler: IpvsScheduler = Field(
+        default=IpvsScheduler.RR,
+        alias="ipvsScheduler",
+        description="proxyMode ipvs: the IPVS scheduler of every virtual server (kube-proxy's --ipvs-scheduler).",
+    )
     mtu: Annotated[int, Field(ge=1280, le=9000)] = 1500
     # VXLAN allows 24-bit VNIs, but the device is named flannel.<VNI> and interface names hold
     # 15 characters: "flannel." leaves room for 7 digits.
@@ -285,6 +305,12 @@ class ServiceSpec(_Model):
     )
     internal_traffic_policy: TrafficPolicy = Field(default=TrafficPolicy.CLUSTER, alias="internalTrafficPolicy")
     external_traffic_policy: TrafficPolicy = Field(default=TrafficPolicy.CLUSTER, alias="externalTrafficPolicy")
+    ipvs_scheduler: IpvsScheduler | None = Field(
+        default=None,
+        alias="ipvsScheduler",
+        description="proxyMode ipvs: this service's IPVS scheduler, instead of cluster.ipvsScheduler "
+        "(a netlab extension, like an annotation; kube-proxy has one scheduler per node).",
+    )
 
     @field_validator("name")
     @classmethod
