@@ -533,6 +533,17 @@ def bench_services(
     _bench_report(data, out_file, output, bs.print_tables, bs.check)
 
 
+@bench.command(
+    "ipvs", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
+@click.pass_context
+def bench_ipvs(ctx: click.Context) -> None:
+    """IPVS mode vs ipvsadm --restore, iptables and nftables in one kernel (run it inside `netlab vm`)."""
+    from netlab import bench_ipvs as bi
+
+    sys.exit(bi.main(list(ctx.args)))
+
+
 def _register() -> None:
     # the packet walk and the proxy-mode comparison live in their own modules (each one job)
     from netlab.cli_compare import compare
