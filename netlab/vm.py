@@ -12,12 +12,12 @@ found under /boot with its modules in /lib/modules/<release>) with virtme-ng und
 virtme-ng mounts the host's / without a cache: every stat, open and page fault of every
 Python process is a 9p round trip through qemu, and under emulation a bare `netlab
 --version` took 14 s each time (80-120 s with another VM running on the same two cores). So
-netlab exports / a second time, mounts that with cache=loose, and bind-mounts from it the
-Python trees (this checkout, the venv, the interpreter's prefix and standard library) and
-the system's programs and shared libraries: read once, then served from guest RAM (`netlab
---version`: 12.5 s the first time, then 7.6 s). The price: those trees are read-only in the
-guest (not RAM-writable like the rest of /usr), and files the host changes while the VM
-runs may be seen stale there.
+netlab exports / a second time, mounts that with cache=loose, and bind-mounts from it the venv,
+the interpreter's prefix and standard library, and the system's programs and shared
+libraries: read once, then served from guest RAM (`netlab --version`: NEW). The price: those
+trees are read-only in the guest (not RAM-writable like the rest of /usr), and what the host
+changes in them while the VM runs may be seen stale (don't pip install meanwhile). The
+checkout itself stays uncached: other people's edits must show up, not vanish.
 
 Nothing outlives the command: the guest's writes are in its RAM, the qemu started here is
 stopped by PID (also on Ctrl-C or SIGTERM of `netlab vm`), and the one scratch directory
@@ -122,15 +122,15 @@ class VmSpec:
 
 
 def cached_paths(venv_bin: Path) -> tuple[Path, ...]:
-    """What the processes a lab test starts read again and again: this checkout, the venv,
-    the interpreter and its standard library (the whole prefix when it is a tree of its own,
-    like pyenv's), the system's programs (ip, nft, iptables) and shared libraries."""
+    """What the processes a lab test starts read again and again and nobody edits during a
+    run: the venv, the interpreter and its standard library (the whole prefix when it is a
+    tree of its own, like pyenv's), the system's programs (ip, nft, iptables) and shared
+    libraries. Not the checkout: its sources stay live (an edit on the host replaces a file,
+    and a cached directory would go on naming the old one: "No module named ...")."""
     import platform
     import sysconfig
 
-    import netlab
-
-    paths = [Path(netlab.__file__).resolve().parent.parent, venv_bin.parent, Path(sys.executable).resolve()]
+    paths = [venv_bin.parent, Path(sys.executable).resolve()]
     base = Path(sys.base_prefix)
     paths.append(base if str(base) not in ("/", "/usr", "/usr/local") else Path(sysconfig.get_paths()["stdlib"]))
     paths += [Path("/usr/bin"), Path("/usr/sbin"), Path(f"/usr/lib/{platform.machine()}-linux-gnu")]

@@ -9,9 +9,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import TYPE_CHECKING
 
 from netlab.render.model import NodeContext, ServicePort
-from netlab.topology.schema import IpvsScheduler, Overlay, ProxyMode, ServePort
+from netlab.topology.enums import IpvsScheduler, Overlay, ProxyMode
+
+if TYPE_CHECKING:  # the pydantic schema is not needed to read a plan (see topology/enums.py)
+    from netlab.topology.schema import ServePort
 
 __all__ = [
     "ExternalPlan",

@@ -19,7 +19,8 @@ from ipaddress import IPv4Address, IPv4Network
 from netlab.errors import PlanError
 from netlab.plan.model import PodPlan
 from netlab.render.model import Endpoint, ServicePort
-from netlab.topology.schema import ServiceSpec, ServiceType, SessionAffinity, TrafficPolicy
+from netlab.topology.enums import SessionAffinity, TrafficPolicy
+from netlab.topology.schema import ServiceSpec, ServiceType
 
 __all__ = ["NODE_PORT_RANGE", "resolve_services"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from netlab.topology.schema import IpvsScheduler, Protocol
+from netlab.topology.enums import IpvsScheduler, Protocol
 
 __all__ = ["Endpoint", "NodeContext", "ServicePort"]
 

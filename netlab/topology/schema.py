@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_v
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from netlab.topology.enums import IpvsScheduler, Overlay, Protocol, ProxyMode, SessionAffinity, TrafficPolicy
+
 __all__ = [
     "Cluster",
     "IpvsScheduler",
@@ -38,39 +40,7 @@ IFNAMSIZ = 15
 UNDERLAY_LINKS = ("lo", "br0", "external")
 
 
-class Overlay(StrEnum):
-    VXLAN = "vxlan"
-    HOST_GW = "host-gw"
-
-
-class ProxyMode(StrEnum):
-    IPTABLES = "iptables"
-    NFTABLES = "nftables"
-    IPVS = "ipvs"
-
-
 IptablesBackend = Literal["auto", "nft", "legacy"]
-
-
-class IpvsScheduler(StrEnum):
-    """IPVS schedulers kube-proxy's IPVS mode can use (`--ipvs-scheduler`; kernel module ip_vs_<name>)."""
-
-    RR = "rr"  # round robin (kube-proxy's default)
-    WRR = "wrr"  # weighted round robin
-    LC = "lc"  # least connections
-    WLC = "wlc"  # weighted least connections
-    SH = "sh"  # source hashing
-    DH = "dh"  # destination hashing
-    SED = "sed"  # shortest expected delay
-    NQ = "nq"  # never queue
-    MH = "mh"  # maglev hashing (kube-proxy also sets the source-hash flag for it)
-
-
-class Protocol(StrEnum):
-    """Service and responder protocols (kube-proxy writes them lower-case in rules)."""
-
-    TCP = "TCP"
-    UDP = "UDP"
 
 
 class _Model(BaseModel):
@@ -247,16 +217,6 @@ class PodSpec(_Model):
 class ServiceType(StrEnum):
     CLUSTER_IP = "ClusterIP"
     NODE_PORT = "NodePort"
-
-
-class TrafficPolicy(StrEnum):
-    CLUSTER = "Cluster"
-    LOCAL = "Local"
-
-
-class SessionAffinity(StrEnum):
-    NONE = "None"
-    CLIENT_IP = "ClientIP"
 
 
 class ServicePortSpec(_Model):

@@ -101,10 +101,11 @@ access=any netlab-host /run/netlab-vm/host 2>/dev/null; then
     assert "9p" not in vm.guest_script(spec(tmp_path))  # nothing to serve from the cache: no second mount
 
 
-def test_the_cached_trees_are_this_checkout_its_venv_python_and_the_system_programs() -> None:
+def test_the_cached_trees_are_the_venv_python_and_the_system_programs_not_the_checkout() -> None:
     paths = vm.cached_paths(Path(sys.prefix) / "bin")
     checkout = Path(vm.__file__).resolve().parent.parent
-    assert checkout in paths
+    assert checkout not in paths  # edited while a VM runs: must stay live
+    assert any(Path(sys.prefix).resolve().is_relative_to(p) for p in paths)  # the venv
     assert any(Path(sys.executable).resolve().is_relative_to(p) for p in paths)
     assert any(Path(textwrap.__file__).resolve().is_relative_to(p) for p in paths)  # the standard library
     assert Path("/usr/sbin") in paths
