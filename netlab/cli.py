@@ -7,15 +7,30 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from netlab import __version__, lab
+from netlab import __version__
 from netlab.errors import NetlabError
+
+if TYPE_CHECKING:
+    from netlab import lab
+else:
+
+    class _LazyLab:
+        """`netlab.lab` imports the kernel layer and the pydantic schema (~0.5 s): imported on
+        first use, so commands that never touch it (probe, capture, vm, --help) start faster."""
+
+        def __getattr__(self, name: str) -> Any:
+            import netlab.lab
+
+            return getattr(netlab.lab, name)
+
+    lab = _LazyLab()
 
 F = TypeVar("F", bound=Callable[..., Any])
 out = Console(highlight=False, soft_wrap=True)
