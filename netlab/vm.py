@@ -11,13 +11,14 @@ found under /boot with its modules in /lib/modules/<release>) with virtme-ng und
 
 virtme-ng mounts the host's / without a cache: every stat, open and page fault of every
 Python process is a 9p round trip through qemu, and under emulation a bare `netlab
---version` took 14 s each time (80-120 s with another VM running on the same two cores). So
-netlab exports / a second time, mounts that with cache=loose, and bind-mounts from it the venv,
-the interpreter's prefix and standard library, and the system's programs and shared
-libraries: read once, then served from guest RAM (`netlab --version`: NEW). The price: those
-trees are read-only in the guest (not RAM-writable like the rest of /usr), and what the host
-changes in them while the VM runs may be seen stale (don't pip install meanwhile). The
-checkout itself stays uncached: other people's edits must show up, not vanish.
+--version` took 14 s each time (80-120 s with another VM running on the same two cores).
+So netlab exports / a second time, mounts that with cache=loose, and bind-mounts from it
+the venv, the interpreter's prefix and standard library, and the system's programs and
+shared libraries: read once, then served from guest RAM (`netlab --version`: 12.5 s the
+first time, then 7.6-8 s). The price: those trees are read-only in the guest (not
+RAM-writable like the rest of /usr), and what the host changes in them while the VM runs
+may be seen stale (don't pip install meanwhile). The checkout itself stays uncached:
+other people's edits must show up, not vanish.
 
 Nothing outlives the command: the guest's writes are in its RAM, the qemu started here is
 stopped by PID (also on Ctrl-C or SIGTERM of `netlab vm`), and the one scratch directory
