@@ -37,10 +37,10 @@ def _wide(console: Console) -> Console:
 
 
 def _lab(lab_name: str | None, what: str) -> str:
-    from netlab import lab
+    from netlab.labs import find_lab, require_root
 
-    lab.require_root(what)
-    return lab.find_lab(lab_name)
+    require_root(what)
+    return find_lab(lab_name)
 
 
 def _walk_table(rows: list[dict[str, Any]], start: int) -> Table:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab.errors import LabError, PrivilegeError
+from netlab.errors import LabError
 from netlab.kernel import build, features, netns, observe, proxy
+from netlab.labs import find_lab, require_root
 from netlab.plan import LabPlan, Plan, plan, resolve
 from netlab.plan.steps import (
     AddPeer,
@@ -36,17 +37,9 @@ from netlab.plan.steps import (
 from netlab.topology import load
 from netlab.topology.schema import Overlay, ProxyMode, Topology
 
-__all__ = ["DownResult", "UpResult", "down", "find_lab", "plan_file", "status", "up"]
+__all__ = ["DownResult", "UpResult", "down", "find_lab", "plan_file", "require_root", "status", "up"]
 
 Progress = Callable[[int, int, Step], None]
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise PrivilegeError(
-            f"`netlab {what}` needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to work with network "
-            f"namespaces; run it with sudo"
-        )
 
 
 @contextmanager
@@ -250,24 +243,6 @@ def down(lab: str | None = None, *, all_labs: bool = False) -> DownResult:
             pass
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def find_lab(lab: str | None) -> str:
-    """The lab a command acts on: the one given, or the only one up."""
-    labs = observe.list_labs()
-    if lab:
-        if lab not in labs:
-            raise LabError(
-                f"no lab named {lab!r} is up"
-                + (f" (up: {', '.join(labs)})" if labs else "")
-                + "; start it with `netlab up FILE`"
-            )
-        return lab
-    if not labs:
-        raise LabError("no lab is up; start one with `netlab up FILE`")
-    if len(labs) > 1:
-        raise LabError(f"{len(labs)} labs are up ({', '.join(labs)}); choose one with --lab")
-    return labs[0]
 
 
 def status(lab: str) -> dict[str, Any]:

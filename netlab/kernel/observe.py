@@ -14,7 +14,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from netlab.kernel import netns, rtnl, rules, rules_state
+from netlab.kernel import netns, rules, rules_state
+from netlab.kernel.marks import lab_netns, list_labs, read_mark
 from netlab.plan import naming
 from netlab.plan.model import ObservedLab, ObservedNode, ObservedPod, ObservedRules, Peer
 
@@ -26,35 +27,6 @@ RTNH_F_ONLINK = 0x4
 RTPROT_KERNEL = 2
 RT_TABLE_MAIN = 254
 AF_BRIDGE = 7
-
-
-def read_mark(name: str) -> tuple[str, str, str, str] | None:
-    """The netlab ownership mark of netns `name` (lab, role, id, fingerprint), or None."""
-    if netns.inode(name) is None:
-        return None
-    try:
-        # one RTM_GETLINK for ifindex 1 (lo), not a dump: `down` reads every lab netns' mark
-        with netns.inside(name):
-            nl = rtnl.Batch(name)
-        with nl:
-            lo = nl.get_link(index=1)
-    except OSError:
-        return None
-    return naming.parse_mark((lo.get("IFLA_IFALIAS") if lo else None) or "")
-
-
-def lab_netns() -> dict[str, tuple[str, str, str, str]]:
-    """Every netns that carries a netlab mark: name -> (lab, role, id, fingerprint)."""
-    out: dict[str, tuple[str, str, str, str]] = {}
-    for name in netns.list_names(naming.NETNS_PREFIX):
-        mark = read_mark(name)
-        if mark is not None:
-            out[name] = mark
-    return out
-
-
-def list_labs() -> list[str]:
-    return sorted({mark[0] for mark in lab_netns().values()})
 
 
 def processes_by_netns() -> dict[tuple[int, int], list[int]]:

@@ -18,7 +18,8 @@ from ipaddress import IPv4Address, IPv4Interface
 from pyroute2 import IPRoute
 
 from netlab.errors import LabError
-from netlab.kernel import netns, observe, rules, rules_state
+from netlab.kernel import netns, rules, rules_state
+from netlab.kernel.marks import lab_netns
 from netlab.kernel.rules_state import STATE_DIR
 from netlab.plan import naming
 from netlab.probe.model import EndpointView, ExternalView, LabView, NodeView, PodView, ServiceView
@@ -147,7 +148,7 @@ def _node(lab: str, name: str, ns: str) -> NodeView:
 
 
 def load_view(lab: str, *, with_pod_ips: bool = True) -> LabView:
-    marks = {ns: m for ns, m in observe.lab_netns().items() if m[0] == lab}
+    marks = {ns: m for ns, m in lab_netns().items() if m[0] == lab}
     if not marks:
         raise LabError(f"no lab named {lab!r} is up; start it with `netlab up FILE`")
     half = sorted(ns for ns, m in marks.items() if m[3] == "-")
