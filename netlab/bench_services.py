@@ -257,6 +257,7 @@ PARTS = (
     ("netlab.render.iptables", "is_large_cluster", "diff"),  # kube-proxy's large-cluster flag
     ("netlab.render.nftables", "nft_state", "prepare"),  # the changed services' previous state
     ("netlab.render.iptables", "render_iptables", "render"),
+    ("netlab.render.iptables", "iter_render_iptables", "render"),  # + its pieces, timed as they are made
     ("netlab.render.iptables", "render_iptables_delta", "render"),
     ("netlab.render.nftables", "render_nftables", "render"),
     ("netlab.render.nftables", "render_nftables_delta", "render"),
@@ -294,11 +295,35 @@ class _Parts:
 
     def _captured(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(ns: str, argv: list[str], **kwargs: Any) -> Any:
-            if kwargs.get("stdin") is not None:
-                self.sent.append((list(argv), kwargs["stdin"]))
-            return fn(ns, argv, **kwargs)
+            stdin = kwargs.get("stdin")
+            if stdin is None or isinstance(stdin, str):
+                if stdin is not None:
+                    self.sent.append((list(argv), stdin))
+                return fn(ns, argv, **kwargs)
+            # a streamed render: its pieces are computed while the tool runs; record them and
+            # count the time spent producing them as "render" (inside, not on top of, "apply")
+            pieces: list[str] = []
+            kwargs["stdin"] = self._rendering(stdin, pieces)
+            try:
+                return fn(ns, argv, **kwargs)
+            finally:
+                self.sent.append((list(argv), "".join(pieces)))
 
         return wrapper
+
+    def _rendering(self, stdin: Iterator[str], into: list[str]) -> Iterator[str]:
+        it = iter(stdin)
+        while True:
+            t0 = time.perf_counter()
+            piece = next(it, None)
+            dt = time.perf_counter() - t0
+            self.seconds["render"] += dt
+            if self._inner:
+                self._inner[-1] += dt
+            if piece is None:
+                return
+            into.append(piece)
+            yield piece
 
     def _patch(self, mod: Any, attr: str, new: Callable[..., Any]) -> None:
         self._saved.append((mod, attr, getattr(mod, attr)))

@@ -105,7 +105,8 @@ def _full_iptables(ns: str, tool: rules.IptablesTool, rp: RulesPlan) -> None:
         return chain in top.get(table, ()) or (table == "nat" and render.is_service_chain(chain))
 
     if _only_kube_proxy(tables, ours):
-        payload = render.render_iptables(rp.context, rp.services, whole_tables=True)
+        # streamed: iptables-restore parses the first services while the rest are rendered
+        payload = render.iter_render_iptables(rp.context, rp.services, whole_tables=True)
         rules.apply_iptables(ns, tool, payload, noflush=False)
         return
     # Someone else's rules share the tables: kube-proxy's own way, which touches nothing else.
@@ -117,7 +118,7 @@ def _full_iptables(ns: str, tool: rules.IptablesTool, rp: RulesPlan) -> None:
         for c in chains - want.get(table, set())
         if c.startswith(SERVICE_CHAIN_PREFIXES)
     }
-    rules.apply_iptables(ns, tool, render.render_iptables(rp.context, rp.services, stale=stale))
+    rules.apply_iptables(ns, tool, render.iter_render_iptables(rp.context, rp.services, stale=stale))
     # after the restore: a jump can only be inserted once its target chain exists
     jumps = render.jump_rules(rp.context)
     if "KUBE-SERVICES" not in have.get("nat", set()):

@@ -17,9 +17,9 @@ import re
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from pyroute2.nftables.main import NFTables
 
@@ -131,8 +131,12 @@ def _start_idle_work() -> None:
     threading.Thread(target=_run_into, args=(fut, fn), name="netlab-idle-work", daemon=True).start()
 
 
-def run(ns: str, argv: list[str], *, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a tool inside netns `ns` (only the network namespace changes)."""
+def run(
+    ns: str, argv: list[str], *, stdin: str | Iterable[str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool inside netns `ns` (only the network namespace changes). `stdin` may be pieces
+    of text produced while the tool runs (a streamed render): each is written as soon as it
+    exists, so the tool parses the first ones while the rest are computed."""
     cmd = ["nsenter", f"--net={netns.path(ns)}", *argv]
     try:
         proc = subprocess.Popen(
@@ -144,9 +148,12 @@ def run(ns: str, argv: list[str], *, stdin: str | None = None, check: bool = Tru
         )
     except FileNotFoundError as exc:
         raise FeatureError(f"{exc.filename} is not installed; run `sudo scripts/setup`") from None
-    _start_idle_work()
     with proc:
-        out, err = proc.communicate(stdin)
+        if stdin is None or isinstance(stdin, str):
+            _start_idle_work()
+            out, err = proc.communicate(stdin)
+        else:  # the idle work would compete with the render for the GIL: start it afterwards
+            out, err = _feed(proc, stdin, then=_start_idle_work)
     r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if r.returncode == 127 or "No such file or directory" in r.stderr and argv[0] in r.stderr:
         raise FeatureError(f"{argv[0]} is not installed; run `sudo scripts/setup`")
@@ -155,24 +162,83 @@ def run(ns: str, argv: list[str], *, stdin: str | None = None, check: bool = Tru
     return r
 
 
+def _feed(proc: subprocess.Popen[str], pieces: Iterable[str], *, then: Callable[[], None]) -> tuple[str, str]:
+    """Write `pieces` to the tool's stdin as they come, call `then`, wait for the tool: (stdout,
+    stderr).
+    stdout and stderr are drained by threads meanwhile (a tool that writes much while we write
+    would otherwise block on a full pipe). If producing a piece fails, the tool is killed before
+    it sees the end of its input: iptables-restore and nft commit nothing they did not finish."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    got: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+        for k, f in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for t in readers:
+        t.start()
+    try:
+        for piece in pieces:
+            proc.stdin.write(piece)
+        proc.stdin.close()
+    except BrokenPipeError:  # the tool stopped reading (it failed): its stderr says why
+        _close_quietly(proc.stdin)
+        then()
+    except BaseException:
+        proc.kill()
+        _close_quietly(proc.stdin)  # what is still buffered has nowhere to go
+        proc.wait()
+        for t in readers:
+            t.join()
+        raise
+    else:
+        then()  # the tool works on (the kernel commit) while this runs
+    proc.wait()
+    for t in readers:
+        t.join()
+    return got.get("out", ""), got.get("err", "")
+
+
 def _context(payload: str, line: int, around: int = 3) -> str:
     lines = payload.splitlines()
     lo, hi = max(0, line - 1 - around), min(len(lines), line + around)
     return "\n".join(f"{'>' if i + 1 == line else ' '}{i + 1:6d}  {lines[i]}" for i in range(lo, hi))
 
 
-def apply_iptables(ns: str, tool: IptablesTool, payload: str, *, noflush: bool = True) -> None:
+def _close_quietly(f: IO[str]) -> None:
+    """Close a pipe whose reader is gone: the final flush fails, and a file object whose close
+    failed is closed again (and fails again) when the Popen is closed, so retry until it is."""
+    for _ in range(3):
+        try:
+            f.close()
+            return
+        except BrokenPipeError:
+            continue
+
+
+def apply_iptables(ns: str, tool: IptablesTool, payload: str | Iterable[str], *, noflush: bool = True) -> None:
     """One `iptables-restore --counters` of the whole payload: all or nothing (one transaction per
     table). With --noflush (kube-proxy's way) only the chains the payload names change; without
-    it each table the payload names is flushed and replaced whole, builtin chains included."""
+    it each table the payload names is flushed and replaced whole, builtin chains included.
+    `payload` may be the pieces of a streamed render (`iter_render_iptables`)."""
     flags = ["--noflush"] if noflush else []
+    sent: list[str] = []
+    if not isinstance(payload, str):
+        payload = _kept(payload, sent)
     r = run(ns, [tool.restore, "-w", "5", *flags, "--counters"], stdin=payload, check=False)
     if r.returncode != 0:
         # kube-proxy's way: show the lines around the one the kernel refused
         m = re.search(r"line:? (\d+)", r.stderr)
-        where = f"\n{_context(payload, int(m.group(1)))}" if m else ""
+        text = payload if isinstance(payload, str) else "".join(sent)
+        where = f"\n{_context(text, int(m.group(1)))}" if m else ""
         what = " ".join([tool.restore, *flags])
         raise KernelError(what, ns, None, (r.stderr.strip().splitlines() or [""])[0] + where)
+
+
+def _kept(pieces: Iterable[str], into: list[str]) -> Iterator[str]:
+    """`pieces`, each also appended to `into` (for the error context of a refused line)."""
+    for piece in pieces:
+        into.append(piece)
+        yield piece
 
 
 def iptables_save(ns: str, tool: IptablesTool, *, counters: bool = False, table: str | None = None) -> str:

@@ -215,9 +215,20 @@ def restores(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, str]]:
     seen: list[tuple[bool, str]] = []
     apply = rules.apply_iptables
 
-    def spy(ns: str, tool: rules.IptablesTool, payload: str, *, noflush: bool = True) -> None:
-        seen.append((noflush, payload))
-        apply(ns, tool, payload, noflush=noflush)
+    def spy(ns: str, tool: rules.IptablesTool, payload: str | Iterator[str], *, noflush: bool = True) -> None:
+        if isinstance(payload, str):
+            seen.append((noflush, payload))
+            apply(ns, tool, payload, noflush=noflush)
+            return
+        pieces: list[str] = []  # a streamed render: still streamed, recorded as it goes
+
+        def tee() -> Iterator[str]:
+            for piece in payload:
+                pieces.append(piece)
+                yield piece
+
+        apply(ns, tool, tee(), noflush=noflush)
+        seen.append((noflush, "".join(pieces)))
 
     monkeypatch.setattr(rules, "apply_iptables", spy)
     return seen
@@ -358,3 +369,42 @@ def test_switching_iptables_backend_removes_the_other_backends_rules(make_lab: A
             assert save(ns, tool).count("-A KUBE-SERVICES ") == 11  # 10 ClusterIPs + the NodePort tail
         assert set(_hit(lab, "s9", 10)) == {"web-0", "web-1"}
         assert "no change" in lab.up().stdout
+
+
+def _nat(ns: str, backend: str) -> str:
+    """The nat table alone out of `_state` (iptables-save's table order differs per backend)."""
+    text = _state(ns, backend)
+    return text[text.index("*nat") :].split("COMMIT", 1)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_streamed_restore_commits_all_or_nothing(backend: str) -> None:
+    """The full sync writes its render to iptables-restore piece by piece. A line the kernel
+    refuses in a late piece fails the restore with that line shown, and a render that raises
+    halfway kills the tool: in both cases the nat table, whose COMMIT never came, is what it was
+    before (each table is its own transaction: filter, committed first, may have changed)."""
+    from netlab.errors import KernelError
+    from netlab.kernel import rules
+    from netlab.render.iptables import iter_render_iptables
+
+    tool = rules.IptablesTool(backend)
+    rp = _plan(BASE, backend)
+    with _scratch_netns("s") as ns:
+        rules.apply_iptables(ns, tool, iter_render_iptables(rp.context, rp.services, whole_tables=True), noflush=False)
+        before = _nat(ns, backend)
+        assert "-j KUBE-SERVICES" in before and "KUBE-SEP-" in before
+
+        pieces = list(iter_render_iptables(rp.context, rp.services[:1], whole_tables=True))
+        bad = [*pieces[:-1], "-A KUBE-SERVICES -j NO-SUCH-CHAIN\n", pieces[-1]]
+        with pytest.raises(KernelError) as exc:
+            rules.apply_iptables(ns, tool, iter(bad), noflush=False)
+        assert "NO-SUCH-CHAIN" in str(exc.value)  # the refused line, with its neighbours
+        assert _nat(ns, backend) == before
+
+        def broken() -> Iterator[str]:
+            yield from pieces[:-1]
+            raise RuntimeError("render failed halfway")
+
+        with pytest.raises(RuntimeError, match="halfway"):
+            rules.apply_iptables(ns, tool, broken(), noflush=False)
+        assert _nat(ns, backend) == before

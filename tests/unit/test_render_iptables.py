@@ -33,6 +33,7 @@ from netlab.render.iptables import (
     external_chain,
     is_large_cluster,
     is_service_chain,
+    iter_render_iptables,
     jump_rules,
     port_proto_hash,
     probability,
@@ -546,6 +547,55 @@ def test_names_hash_only_the_bytes_they_keep() -> None:
         assert port_proto_hash(spn, "tcp") == full[:16]
         full = base64.b32encode(hashlib.sha256(f"{spn}udp10.0.{i}.1:80".encode()).digest()).decode()
         assert endpoint_chain(spn, "udp", f"10.0.{i}.1:80") == "KUBE-SEP-" + full[:16]
+
+
+def _many(n: int) -> list[ServicePort]:
+    """n service ports of every kind the renderer branches on: no endpoints, affinity, NodePort
+    with Cluster and Local policies, internal Local, several endpoints on both nodes."""
+    out = []
+    for i in range(n):
+        eps = tuple(ep(f"10.244.{j % 2}.{(i + j) % 250 + 2}", 8080, f"node{j % 2 + 1}") for j in range(i % 4))
+        kw: dict[str, object] = {}
+        if i % 5 == 1:
+            kw["affinity_timeout"] = 10800
+        if i % 3 == 2:
+            kw["node_port"] = 30000 + i
+            kw["external_local"] = i % 2 == 0
+        if i % 7 == 3:
+            kw["internal_local"] = True
+        out.append(svc(f"ns{i % 3}/svc-{i}:p", f"10.96.{i // 250}.{i % 250 + 1}", 80, *eps, **kw))
+    return out
+
+
+@pytest.mark.parametrize("whole_tables", [False, True])
+def test_streamed_pieces_are_the_same_payload(whole_tables: bool) -> None:
+    """A sync writes the pieces to iptables-restore as they are rendered: joined, they must be the
+    unstreamed render byte for byte, for a full render, a partial one (only) and with stale
+    chains, over more service ports than one deferred segment holds."""
+    from netlab.render import iptables as ri
+
+    services = _many(ri.STREAM_BATCH * 2 + 37)
+    only = {s.spn for s in services[::9]}
+    stale = ["KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-BBBBBBBBBBBBBBBB"]
+    for kw in ({}, {"only": only}, {"stale": stale}):
+        pieces = list(iter_render_iptables(NODE1, services, whole_tables=whole_tables, **kw))  # type: ignore[arg-type]
+        large = is_large_cluster(services)
+        plans = ri._plans(NODE1, services)
+        t = ri._render(NODE1, plans, large_cluster=large, only=kw.get("only"), stale=kw.get("stale", ()))  # type: ignore[arg-type]
+        if whole_tables:
+            ri._add_builtin_chains(t, NODE1)
+        assert "".join(pieces) == t.text()
+        assert len(pieces) > 3  # really in pieces: the service ports' rules come in segments
+        assert all(p.endswith("\n") for p in pieces)
+
+
+def test_streamed_render_checks_its_arguments_before_any_piece() -> None:
+    """Bad arguments raise when the render is asked for, not halfway through feeding a tool."""
+    services = [svc("default/web:http", "10.96.0.10", 80, *WEB_EPS)]
+    used = service_chain("default/web:http", "tcp")
+    for stale, dup in (([used], False), (["KUBE-SERVICES"], False), ([], True)):
+        with pytest.raises(ValueError):
+            iter_render_iptables(NODE1, services * 2 if dup else services, stale=stale)
 
 
 def test_large_cluster_flag_can_come_from_the_caller() -> None:
