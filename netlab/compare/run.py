@@ -57,9 +57,10 @@ BEHAVIOUR = (
     Row(
         "noep",
         "service without endpoints: connect",
-        {"iptables": ("refused",), "nftables": ("refused",), "ipvs": None},
-        "iptables: filter KUBE-SERVICES REJECT; nftables: no-endpoint-services reject; "
-        "IPVS has no REJECT rule for it (a virtual server without real servers)",
+        {"iptables": ("refused",), "nftables": ("refused",), "ipvs": ("refused",)},
+        "iptables: filter KUBE-SERVICES REJECT; nftables: no-endpoint-services reject; IPVS has no "
+        "rule for it: the virtual server without real servers answers ICMP port unreachable itself "
+        "(ip_vs_leave)",
     ),
     Row(
         "ping",
