@@ -47,14 +47,14 @@ from typing import Any
 from netlab.bench import BenchError, machine
 from netlab.bench_services import (
     BARE_NETNS,
-    _changed_plans,
     _fresh_netns,
     _ns_run,
     _r,
-    _repeat,
     _timed_tool,
     _tool_versions,
+    changed_plans,
     parse_sizes,
+    repeat_capped,
     service_name,
 )
 from netlab.plan.model import RulesPlan
@@ -231,7 +231,7 @@ def _mode_run(n: int, mode: str, repeat: int, cap: float, changes: int, log: Cal
                 if (vs, rs) != (n, 3 * n):
                     problems.append(f"ipvs full: {vs} virtual / {rs} real servers, want {n} / {3 * n}")
             if sum(fulls) >= cap or not runs_left:
-                _, _, rp_drop = _changed_plans(rp)
+                _, _, rp_drop = changed_plans(rp)
                 prev = rp
                 for i in range(changes):
                     nxt = rp_drop if i % 2 == 0 else rp
@@ -289,9 +289,9 @@ def _floors(n: int, repeat: int, cap: float) -> dict[str, Any]:
         return None if (vs, rs) == (n, 3 * n) else f"ipvsadm: {vs} / {rs} read back, want {n} / {3 * n}"
 
     res = {
-        "ipvsadm_restore_s": _repeat(lambda: one(["ipvsadm", "--restore"], table, ipvsadm_ok), repeat, cap),
-        "ip_batch_addresses_s": _repeat(lambda: one(["ip", "-batch", "-"], ip_batch), repeat, cap),
-        "ipset_restore_s": _repeat(lambda: one(["ipset", "restore"], state.ipset_restore()), repeat, cap),
+        "ipvsadm_restore_s": repeat_capped(lambda: one(["ipvsadm", "--restore"], table, ipvsadm_ok), repeat, cap),
+        "ip_batch_addresses_s": repeat_capped(lambda: one(["ip", "-batch", "-"], ip_batch), repeat, cap),
+        "ipset_restore_s": repeat_capped(lambda: one(["ipset", "restore"], state.ipset_restore()), repeat, cap),
     }
     out: dict[str, Any] = {k: [_r(x) for x in v] for k, v in res.items()}
     out.update({k.replace("_s", "_median_s"): _r(_median(v)) for k, v in res.items()})

@@ -72,7 +72,20 @@ from typing import Any
 
 from netlab.bench import BenchError, machine, netlab_argv
 
-__all__ = ["MODES", "parse_sizes", "print_tables", "services", "topology_yaml"]
+__all__ = [
+    "CLIENT_CODE",
+    "MODES",
+    "WARMUP",
+    "changed_plans",
+    "conntrack_count",
+    "kube_services_order",
+    "parse_sizes",
+    "print_tables",
+    "repeat_capped",
+    "save_tables",
+    "services",
+    "topology_yaml",
+]
 
 LAB = "bsvc"
 NODE = "node1"
@@ -171,7 +184,7 @@ def _r(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(x, digits)
 
 
-def _repeat(fn: Callable[[], float], repeat: int, cap: float) -> list[float]:
+def repeat_capped(fn: Callable[[], float], repeat: int, cap: float) -> list[float]:
     """Run fn (which returns its own timed seconds) up to `repeat` times, stopping once the
     timed seconds add up to `cap` (always at least once)."""
     out: list[float] = []
@@ -376,7 +389,7 @@ def _tool(mode: Mode) -> Any:
     return rules.IptablesTool(mode.backend)
 
 
-def _save_tables(ns: str, save_bin: str) -> dict[str, str]:
+def save_tables(ns: str, save_bin: str) -> dict[str, str]:
     """table -> its `iptables-save` section. No `-t`: asking legacy for a table creates it."""
     from netlab.kernel import netns
 
@@ -405,7 +418,7 @@ def _normalized(tables: dict[str, str]) -> str:
 _SVC_RULE = re.compile(r'^-A KUBE-SERVICES -d (\S+)/32 .*--comment "([^"]+) cluster IP".* --dport (\d+) -j (KUBE-S\S+)')
 
 
-def _kube_services(nat: str) -> list[tuple[str, str, int, str]]:
+def kube_services_order(nat: str) -> list[tuple[str, str, int, str]]:
     """(spn, ClusterIP, port, target chain) of each ClusterIP rule in KUBE-SERVICES, in order."""
     out = []
     for line in nat.splitlines():
@@ -420,8 +433,8 @@ def _check_exclusive(ns: str, mode: Mode) -> list[str]:
     from netlab.kernel import rules
 
     problems = []
-    nft_ipt = _save_tables(ns, "iptables-nft-save").get("nat", "")
-    legacy = _save_tables(ns, "iptables-legacy-save").get("nat", "")
+    nft_ipt = save_tables(ns, "iptables-nft-save").get("nat", "")
+    legacy = save_tables(ns, "iptables-legacy-save").get("nat", "")
     has = {
         "iptables": ":KUBE-SERVICES " in nft_ipt,
         "iptables-legacy": ":KUBE-SERVICES " in legacy,
@@ -444,9 +457,9 @@ def _check_full(ns: str, mode: Mode, rp: Any) -> str | None:
         if got != n:
             return f"service-ips holds {got} elements, expected {n}"
         return None
-    tables = _save_tables(ns, _tool(mode).save)
+    tables = save_tables(ns, _tool(mode).save)
     nat = tables.get("nat", "")
-    svc = _kube_services(nat)
+    svc = kube_services_order(nat)
     seps = sum(1 for line in nat.splitlines() if line.startswith(":KUBE-SEP-"))
     jumps = '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in nat
     if len(svc) != n or seps != REPLICAS * n or not jumps:
@@ -480,7 +493,7 @@ def _ruleset(ns: str, mode: Mode) -> str:
     """The node's kube-proxy ruleset in a form that compares two states (counters, handles and
     the kernel's listing order of chains and map elements left out; rule order kept)."""
     if mode.proxy_mode != "nftables":
-        return _normalized(_save_tables(ns, _tool(mode).save))
+        return _normalized(save_tables(ns, _tool(mode).save))
     from netlab.kernel import rules
 
     r = rules.run(ns, ["nft", "-s", "-j", "list", "table", "ip", "kube-proxy"], check=False)
@@ -618,7 +631,7 @@ print(json.dumps({"replies": replies, "ns": out, "fails": fails}))
 """
 
 
-def _conntrack_count(ns: str, ip: str) -> int:
+def conntrack_count(ns: str, ip: str) -> int:
     from netlab.kernel import rules
 
     r = rules.run(ns, ["conntrack", "-L", "-p", "tcp", "-d", ip], check=False)
@@ -644,7 +657,7 @@ def _latency(ns: str, targets: dict[str, tuple[str, int]], connections: int) -> 
             "median_us": _r(statistics.median(xs), 1),
             "p99_us": _r(_p99(xs), 1),
             "replies": sorted(set(data["replies"][key])),
-            "conntrack_entries": _conntrack_count(ns, ip),
+            "conntrack_entries": conntrack_count(ns, ip),
         }
     return out
 
@@ -753,7 +766,7 @@ class _Run:
         self.cleanups.append(time.perf_counter() - t0)
 
     def repeat(self, fn: Callable[[], float], times: int | None = None) -> list[float]:
-        return _repeat(fn, self.cfg["repeat"] if times is None else times, self.cfg["cap"])
+        return repeat_capped(fn, self.cfg["repeat"] if times is None else times, self.cfg["cap"])
 
     def on_node(self, argv: list[str], text: str) -> Callable[[], float]:
         """One bare run in the node's netns after proxy.cleanup (timed: the tool only)."""
@@ -861,7 +874,7 @@ def _full_vs_bare(run: _Run, argv: list[str], payload: str) -> tuple[dict[str, A
     return out, {k: [_r(x) for x in xs] for k, xs in bare.items()}
 
 
-def _changed_plans(rp: Any) -> tuple[Any, Any, Any]:
+def changed_plans(rp: Any) -> tuple[Any, Any, Any]:
     """(the changed service before, after, the RulesPlan with it): the middle service by name
     loses its last endpoint."""
     ordered = sorted(rp.services, key=lambda s: (s.namespace, s.name))
@@ -894,7 +907,7 @@ def _change(run: _Run) -> dict[str, Any]:
     """The one-service change: timed partial syncs, the same deltas bare, the floor, and netlab's
     own costs around it. Leaves the node as the full sync left it (checked)."""
     rp, changes = run.rp, run.cfg["changes"]
-    before, after, rp_drop = _changed_plans(rp)
+    before, after, rp_drop = changed_plans(rp)
     argv, drop, readd = _deltas(run, before, after, rp_drop)
     synced = _ruleset(run.ns, run.mode)
     # (plan, previous plan, the payload it must send, the service as it then is, timings)
@@ -1013,7 +1026,7 @@ def run_mode(
 
     # -- first and last service in KUBE-SERVICES (iptables modes read it; nftables reuses it)
     if not run.is_nft:
-        order = _kube_services(_save_tables(ns, _tool(mode).save).get("nat", ""))
+        order = kube_services_order(save_tables(ns, _tool(mode).save).get("nat", ""))
         first, last = order[0], order[-1]
         if positions and (positions["first"]["service"], positions["last"]["service"]) != (first[0], last[0]):
             run.problems.append(f"KUBE-SERVICES order differs from the other iptables mode: {first[0]} .. {last[0]}")
@@ -1049,7 +1062,7 @@ def run_mode(
 
     # -- 3. one-service change
     res["change"] = _change(run)
-    before = _changed_plans(rp)[0]
+    before = changed_plans(rp)[0]
     res["change"]["via_cli"] = _change_via_cli(run, topo, before)
     res["cleanup_s"] = _r(_median(run.cleanups))
 

@@ -32,11 +32,11 @@ from typing import Any
 from netlab.bench_services import (
     CLIENT_CODE,
     WARMUP,
-    _changed_plans,
-    _conntrack_count,
-    _kube_services,
-    _repeat,
-    _save_tables,
+    changed_plans,
+    conntrack_count,
+    kube_services_order,
+    repeat_capped,
+    save_tables,
 )
 from netlab.compare import stats
 from netlab.errors import NetlabError
@@ -115,7 +115,7 @@ def run_in(ns: str, code: str, args: Sequence[str], *, timeout: float = 600) -> 
 
 
 def _iptables_counts(ns: str, save_bin: str) -> dict[str, int]:
-    tables = _save_tables(ns, save_bin)
+    tables = save_tables(ns, save_bin)
     rules = chains = 0
     for text in tables.values():
         for line in text.splitlines():
@@ -126,7 +126,7 @@ def _iptables_counts(ns: str, save_bin: str) -> dict[str, int]:
     return {
         "iptables_rules": rules,
         "iptables_chains": chains,
-        "kube_services_rules": len(_kube_services(tables.get("nat", ""))),
+        "kube_services_rules": len(kube_services_order(tables.get("nat", ""))),
     }
 
 
@@ -213,8 +213,8 @@ def programming(
         _cleanup(ns, rp)
         return _timed_sync(lab, node, ns, rp, None)
 
-    full = _repeat(full_once, repeat, cap)
-    _, _, rp_drop = _changed_plans(rp)
+    full = repeat_capped(full_once, repeat, cap)
+    _, _, rp_drop = changed_plans(rp)
     drops: list[float] = []
     readds: list[float] = []
     for i in range(changes + changes % 2):  # an even count: the node ends as the full sync left it
@@ -240,7 +240,7 @@ def kube_services_positions(ns: str, backend: str, targets: dict[str, tuple[str,
     ClusterIP rules there), read from the node's iptables-save."""
     from netlab.kernel import rules
 
-    order = _kube_services(_save_tables(ns, rules.IptablesTool(backend).save).get("nat", ""))
+    order = kube_services_order(save_tables(ns, rules.IptablesTool(backend).save).get("nat", ""))
     index = {(ip, port): i + 1 for i, (_, ip, port, _) in enumerate(order)}
     return {k: index.get(v, 0) for k, v in targets.items()}, len(order)
 
@@ -315,7 +315,7 @@ def latency(
             "p50_us": round(stats.percentile(xs, 50), 2) if xs else None,
             "p99_us": round(stats.percentile(xs, 99), 2) if xs else None,
             "replies": sorted(replies[key]),
-            "conntrack_entries": _conntrack_count(node_ns, ip),
+            "conntrack_entries": conntrack_count(node_ns, ip),
             "slow": sum(1 for x in xs if x >= SLOW_US),
             "samples_us": [round(x, 2) for x in xs],
         }
