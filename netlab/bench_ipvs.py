@@ -14,17 +14,19 @@ IPVS refuses a real server without a unicast route to it), in this order:
 
   1. ipvs full: `proxy_ipvs.sync_ipvs` into the empty netns (it makes kube-ipvs0, the ipsets,
      the IPVS table, the addresses and the fixed iptables rules), split into its parts by
-     wrapping the functions it calls; "ipvs_table" is the netlink part (reading the empty table,
-     queueing the virtual and real servers, the batched commit). Checked: N virtual servers
-     and 3N real servers read back.
+     wrapping the functions it calls; "ipvs_table" is the netlink part (opening the socket and
+     looking up the IPVS family, reading the empty table, queueing the virtual and real
+     servers, the batched commit). Checked: N virtual servers and 3N real servers read back.
   2. the floor: the same virtual/real-server table as `ipvsadm --restore` lines (`-A -t VIP:80
      -s rr`, `-a -t VIP:80 -r EP:8080 -m -w 1`) through nsenter + ipvsadm; and, timed apart, the
      dummy link plus its N /32s through one `ip -batch -` and the ipsets through one `ipset
      restore` (ipvsadm only does the IPVS table). Like for like: ipvs_table vs ipvsadm.
   3. iptables and nftables full: `proxy.sync(previous=None)` of the same services in those modes.
   4. one-service change: the middle service loses one endpoint, then gets it back (`--changes`
-     syncs, alternating), in each mode, on the node its full sync left; median seconds.
-     IPVS diffs against the kernel (no partial sync: it dumps the whole table each time).
+     syncs, alternating), in each mode, on the node its full sync left; median seconds. Each is
+     given the previous plan, so it is a partial sync in every mode (IPVS: from the record,
+     reading back only the changed virtual server's real servers). Checked for IPVS: each
+     change was partial, and after the last one the table equals the full sync's render.
 
 JSON goes to stdout on one line starting with `BENCH-IPVS-JSON ` (the VM's files live in its
 RAM), and to --out if given; the tables go to stderr.
@@ -140,12 +142,15 @@ def _ipvs_parts() -> Iterator[dict[str, float]]:
 
     seconds: dict[str, float] = defaultdict(float)
     targets: list[tuple[Any, str, str]] = [
+        (kipvs.Ipvs, "__init__", "ipvs_table"),  # the socket, the family lookup (ipvsadm does both too)
         (proxy_ipvs, "_diff_ipvs", "ipvs_table"),  # dump the table, queue the changes
+        (proxy_ipvs, "_diff_ipvs_partial", "ipvs_table"),  # a partial sync's: queue, dump changed ones
         (kipvs.Ipvs, "commit", "ipvs_table"),  # the netlink batches
         (kipvs, "addresses", "dummy_link"),  # make kube-ipvs0, read the addresses
         (kipvs, "set_addresses", "addresses"),  # bind the ClusterIPs (rtnetlink batch)
         (kipvs, "write_sysctls", "sysctls"),
         (proxy_ipvs, "render_ipvs", "render"),
+        (proxy_ipvs, "render_ipvs_delta", "render"),
         (ipset, "save", "ipsets"),
         (ipset, "restore", "ipsets"),
         (rules, "iptables_save", "iptables"),
@@ -185,8 +190,33 @@ def _ipvs_counts() -> tuple[int, int]:
     return len(table), sum(len(v.real_servers) for v in table)
 
 
-def _sync(rp: RulesPlan, previous: RulesPlan | None) -> tuple[float, dict[str, float], int]:
-    """One sync in mode rp.mode in NS: (seconds, IPVS parts, IPVS netlink requests)."""
+def _ipvs_table() -> list[tuple[Any, ...]]:
+    """The kernel's IPVS table in NS as comparable tuples (key, config, real servers and weights)."""
+    from netlab.kernel import ipvs as kipvs
+
+    with kipvs.opened(NS) as ipvs:
+        table = ipvs.services()
+    return sorted(
+        (v.key, v.scheduler, v.flags, v.timeout, tuple(sorted((r.ip, r.port, r.weight) for r in v.real_servers)))
+        for v in table
+    )
+
+
+def _rendered_table(rp: RulesPlan) -> list[tuple[Any, ...]]:
+    from netlab.render.ipvs import render_ipvs
+
+    state = render_ipvs(rp.context, rp.services, nodeport_addresses=CTX.node_ips)
+    return sorted(
+        (v.key, v.scheduler, v.flags, v.timeout, tuple(sorted((r.ip, r.port, r.weight) for r in v.real_servers)))
+        for v in state.virtual_servers
+    )
+
+
+def _sync(
+    rp: RulesPlan, previous: RulesPlan | None, problems: list[str] | None = None
+) -> tuple[float, dict[str, float], int]:
+    """One sync in mode rp.mode in NS: (seconds, IPVS parts, IPVS netlink requests). An IPVS
+    sync given `previous` must have been partial (else a problem is noted)."""
     from netlab.kernel import proxy, proxy_ipvs, rules_state
 
     if rp.mode == ProxyMode.IPVS:
@@ -194,6 +224,8 @@ def _sync(rp: RulesPlan, previous: RulesPlan | None) -> tuple[float, dict[str, f
             t0 = time.perf_counter()
             res = proxy_ipvs.sync_ipvs(NS, rp, previous)
             dt = time.perf_counter() - t0
+        if previous is not None and problems is not None and not res.partial:
+            problems.append(f"ipvs change was a full sync ({res.fell_back or 'not partial'})")
         split = dict(parts)
         split["other"] = max(0.0, dt - sum(split.values()))
         return dt, split, res.netlink_requests
@@ -235,13 +267,13 @@ def _mode_run(n: int, mode: str, repeat: int, cap: float, changes: int, log: Cal
                 prev = rp
                 for i in range(changes):
                     nxt = rp_drop if i % 2 == 0 else rp
-                    cdt, csplit, creq = _sync(nxt, prev)
+                    cdt, csplit, creq = _sync(nxt, prev, problems)
                     change.append(cdt)
                     change_splits.append(csplit)
                     change_requests.append(creq)
                     prev = nxt
-                if mode == "ipvs" and prev is rp and _ipvs_counts() != (n, 3 * n):
-                    problems.append("ipvs: table differs from the full sync's after the changes")
+                if mode == "ipvs" and _ipvs_table() != _rendered_table(prev):
+                    problems.append("ipvs: the table differs from the plan's after the changes")
                 break
     log(f"  {mode:9} n={n}: full {_median(fulls):.3f} s ({len(fulls)}x), change {_median(change) or 0:.4f} s")
     out: dict[str, Any] = {

@@ -160,7 +160,8 @@ def _run(lab: LabPlan, step: Step, undo: build.Undo) -> None:
     elif isinstance(step, SyncRules):
         ns, node = step.node.netns, step.node.name
         undo.append(proxy.undo_for(lab.name, node, ns, step.rules, step.previous))
-        proxy.sync(lab.name, node, ns, step.rules, step.previous, step.cleanup)
+        # a resync (IPVS real servers draining) is a full sync; undo still goes back to `previous`
+        proxy.sync(lab.name, node, ns, step.rules, None if step.resync else step.previous, step.cleanup)
     elif isinstance(step, CreateNode):
         build.create_node(lab.name, step.underlay_netns, step.node, undo)
     elif isinstance(step, AddPeer):

@@ -127,7 +127,8 @@ def plan(desired: LabPlan, observed: ObservedLab) -> Plan:
         draining = obs_rules is not None and obs_rules.ipvs_draining  # graceful removals to finish
         if last is not None and last.fingerprint == want_rules.fingerprint and not cleanup and not draining:
             continue
-        creates.append(SyncRules(desired.name, node, want_rules, previous=last, cleanup=cleanup))
+        resync = draining and want_rules.mode == ProxyMode.IPVS
+        creates.append(SyncRules(desired.name, node, want_rules, previous=last, cleanup=cleanup, resync=resync))
     creates += responders
 
     return Plan(desired, tuple(removes + creates))

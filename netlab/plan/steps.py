@@ -75,7 +75,14 @@ class SyncRules:
     rules: RulesPlan
     previous: RulesPlan | None = None
     cleanup: tuple[str, ...] = ()
+    # IPVS real servers are draining (weight 0): compare the whole table with the kernel again,
+    # a full sync even though `previous` is known (a partial one looks at changed services only)
+    resync: bool = False
     verb = "sync"
+
+    @property
+    def full(self) -> bool:
+        return self.resync or self.previous is None or self.previous.context != self.rules.context
 
     @property
     def target(self) -> str:
@@ -83,7 +90,7 @@ class SyncRules:
 
     def changed(self) -> list[str]:
         """Service ports whose rules this sync rewrites (all of them on a full sync)."""
-        if self.previous is None or self.previous.context != self.rules.context:
+        if self.full or self.previous is None:
             return sorted({s.spn for s in self.rules.services})
         old = {s.spn: s for s in self.previous.services}
         new = {s.spn: s for s in self.rules.services}
@@ -92,11 +99,13 @@ class SyncRules:
     def objects(self) -> list[str]:
         svcs = self.rules.services
         eps = sum(len(s.endpoints) for s in svcs)
-        kind = "full sync" if self.previous is None or self.previous.context != self.rules.context else "partial sync"
+        kind = "full sync" if self.full else "partial sync"
         out = [f"{self.rules.mode} ({kind}): {len(svcs)} service ports, {eps} endpoints"]
         changed = self.changed()
         if kind == "partial sync":
             out.append("changed: " + (", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "") or "none"))
+        if self.resync:
+            out.append("IPVS real servers draining: check each against the kernel again")
         out += [f"remove {rule_set} rules left by a previous proxyMode or iptablesBackend" for rule_set in self.cleanup]
         return out
 

@@ -27,8 +27,8 @@ What a node in IPVS mode holds, and why:
   for "masquerade NodePort traffic unless Local", KUBE-IPVS-IPS for the filter). The iptables
   rule count does not grow with the number of services: that is the point of IPVS mode.
 - The iptables part (one `iptables-restore --noflush`, nat then filter) plus nine jumps from the
-  built-in chains, which kube-proxy `EnsureRule(Prepend)`s on every sync (IPVS mode has no
-  partial sync).
+  built-in chains, which kube-proxy `EnsureRule(Prepend)`s on every sync (kube-proxy's IPVS
+  mode has no partial sync; netlab's does, see `render_ipvs_delta` and kernel/proxy_ipvs.py).
 - sysctls: net.ipv4.vs.conntrack=1 (IPVS keeps conntrack entries, so MASQUERADE and the
   reply's un-NAT work), expire_nodest_conn=1 and expire_quiescent_template=1 (connections to a
   removed or weight-0 real server die instead of hanging), ip_forward=1, and with kube-proxy's
@@ -64,6 +64,7 @@ __all__ = [
     "IPSETS",
     "IPTABLES_CHAINS",
     "IpsetSpec",
+    "IpvsDelta",
     "IpvsState",
     "IpvsTrace",
     "JUMP_CHAINS",
@@ -73,6 +74,7 @@ __all__ = [
     "ipvsadm_lines",
     "ipvsadm_order",
     "render_ipvs",
+    "render_ipvs_delta",
     "trace_ipvs",
 ]
 
@@ -477,14 +479,159 @@ def render_ipvs(
         addresses=tuple(sorted(bound)),
         virtual_servers=tuple(ipvsadm_order(vss.values())),
         ipsets=ipsets,
-        iptables=_iptables(node, {s.name: s for s in ipsets}),
+        iptables=_iptables(node, frozenset(s.name for s in ipsets if s.entries)),
         jumps=jumps,
         sysctls=tuple(sysctls),
     )
 
 
-def _iptables(node: NodeContext, sets: dict[str, IpsetSpec]) -> str:
-    """writeIptablesRules + createAndLinkKubeChain: the fixed rules, in kube-proxy's write order."""
+@dataclass(frozen=True)
+class IpvsDelta:
+    """What a partial sync changes: `render_ipvs(node, new)` against `render_ipvs(node, old)` on a
+    node whose settings did not change, computed from the changed services only.
+
+    before / after: the virtual servers of the changed services (and of every port sharing a
+      ClusterIP or NodePort with one) as they were and as they are to be, in ipvsadm order;
+      a key only in `before` is deleted, only in `after` added, in both compared.
+    ipset_add / ipset_del: (set, entry); addresses_add / addresses_del: kube-ipvs0's /32s.
+    iptables: the fixed rules' restore payload when a set became empty or non-empty (the
+      rules are written only for non-empty sets), else None: the rules stay as they are.
+    """
+
+    before: tuple[VirtualServer, ...]
+    after: tuple[VirtualServer, ...]
+    ipset_add: tuple[tuple[str, str], ...]
+    ipset_del: tuple[tuple[str, str], ...]
+    addresses_add: tuple[IPv4Address, ...]
+    addresses_del: tuple[IPv4Address, ...]
+    iptables: str | None
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.before != self.after
+            or self.ipset_add
+            or self.ipset_del
+            or self.addresses_add
+            or self.addresses_del
+            or self.iptables is not None
+        )
+
+    def ipset_lines(self) -> list[str]:
+        """`ipset restore` lines: the deletions, then the additions."""
+        return [f"del {n} {e}" for n, e in self.ipset_del] + [f"add {n} {e}" for n, e in self.ipset_add]
+
+
+def _nonempty_sets(
+    node: NodeContext, services: Sequence[ServicePort], nodeport_ips: Sequence[IPv4Address]
+) -> frozenset[str]:
+    """The sets `render_ipvs` fills for `services` (each test stops at the first service that
+    puts an entry in the set, so this is cheap whenever the set is in use)."""
+    out = set()
+    if services:
+        out |= {CLUSTER_IP, IPVS_IPS}
+    if any(e.node == node.name for s in services for e in s.endpoints):
+        out.add(LOOP_BACK)
+    if nodeport_ips:
+        for proto, plain, local in (
+            ("tcp", NODE_PORT_TCP, NODE_PORT_LOCAL_TCP),
+            ("udp", NODE_PORT_UDP, NODE_PORT_LOCAL_UDP),
+        ):
+            if any(s.node_port is not None and s.proto == proto for s in services):
+                out.add(plain)
+            if any(s.node_port is not None and s.proto == proto and s.external_local for s in services):
+                out.add(local)
+    return frozenset(out)
+
+
+def _loop_back_entry_users(node: NodeContext, services: Iterable[ServicePort], entries: set[str]) -> set[str]:
+    """The KUBE-LOOP-BACK entries among `entries` that one of `services` puts in the set."""
+    out: set[str] = set()
+    for s in services:
+        for e in s.endpoints:
+            if e.node == node.name:
+                entry = f"{e.ip},{s.proto}:{e.port},{e.ip}"
+                if entry in entries:
+                    out.add(entry)
+                    if len(out) == len(entries):
+                        return out
+    return out
+
+
+def _changed_subset(
+    old: Sequence[ServicePort], new: Sequence[ServicePort]
+) -> tuple[list[ServicePort], list[ServicePort]]:
+    """nftables' `changed_subset` (the changed service ports plus every port sharing a ClusterIP
+    or NodePort with one), with kernel/proxy.py's shortcut: when no port was added or removed
+    the planner keeps their order, so a pairwise comparison finds the changed ones."""
+    if len(old) != len(new):
+        from netlab.render.nftables import changed_subset
+
+        return changed_subset(old, new)
+    pairs = [(a, b) for a, b in zip(old, new, strict=True) if a is not b and a != b]
+    if not all((a.namespace, a.name, a.port_name) == (b.namespace, b.name, b.port_name) for a, b in pairs):
+        from netlab.render.nftables import changed_subset
+
+        return changed_subset(old, new)
+    ips = {s.cluster_ip for p in pairs for s in p}
+    node_ports = {(s.protocol, s.node_port) for p in pairs for s in p if s.node_port}
+    if not ips:
+        return [], []
+    return (
+        [s for s in old if s.cluster_ip in ips or (s.node_port and (s.protocol, s.node_port) in node_ports)],
+        [s for s in new if s.cluster_ip in ips or (s.node_port and (s.protocol, s.node_port) in node_ports)],
+    )
+
+
+def render_ipvs_delta(
+    node: NodeContext,
+    old: Sequence[ServicePort],
+    new: Sequence[ServicePort],
+    *,
+    nodeport_addresses: Sequence[IPv4Address] | None = None,
+) -> IpvsDelta:
+    """The change from `render_ipvs(node, old)` to `render_ipvs(node, new)` (same node settings,
+    same `nodeport_addresses`), looking at the changed services only: O(changed), not
+    O(all services), except for a few scans that stop early (see `IpvsDelta`).
+
+    Rendering the changed services alone gives their virtual servers, and for the sets and
+    addresses keyed by ClusterIP or NodePort the exact entries, since `changed_subset` brings in
+    every port sharing one. KUBE-LOOP-BACK's entries are keyed by endpoint and shared by every
+    service of that endpoint: an entry the subset drops or adds is left alone while a service
+    outside the subset still uses it.
+    """
+    old_part, new_part = _changed_subset(old, new)
+    a = render_ipvs(node, old_part, nodeport_addresses=nodeport_addresses, strict_arp=False)
+    b = render_ipvs(node, new_part, nodeport_addresses=nodeport_addresses, strict_arp=False)
+    add: list[tuple[str, str]] = []
+    dele: list[tuple[str, str]] = []
+    for sa, sb in zip(a.ipsets, b.ipsets, strict=True):
+        have, want = set(sa.entries), set(sb.entries)
+        gone = have - want
+        came = want - have
+        if sa.name == LOOP_BACK and (gone or came):
+            touched = {id(s) for s in new_part}
+            kept = _loop_back_entry_users(node, (s for s in new if id(s) not in touched), gone | came)
+            gone -= kept
+            came -= kept
+        dele += [(sa.name, e) for e in sa.entries if e in gone]
+        add += [(sb.name, e) for e in sb.entries if e in came]
+    candidates = node.node_ips if nodeport_addresses is None else nodeport_addresses
+    nodeport_ips = [ip for ip in candidates if not ip.is_loopback]
+    was, now = _nonempty_sets(node, old, nodeport_ips), _nonempty_sets(node, new, nodeport_ips)
+    return IpvsDelta(
+        before=a.virtual_servers,
+        after=b.virtual_servers,
+        ipset_add=tuple(add),
+        ipset_del=tuple(dele),
+        addresses_add=tuple(ip for ip in b.addresses if ip not in set(a.addresses)),
+        addresses_del=tuple(ip for ip in a.addresses if ip not in set(b.addresses)),
+        iptables=None if was == now else _iptables(node, now),
+    )
+
+
+def _iptables(node: NodeContext, nonempty: frozenset[str]) -> str:
+    """writeIptablesRules + createAndLinkKubeChain: the fixed rules, in kube-proxy's write order.
+    They depend on the services only through which sets hold entries (`nonempty`)."""
     mark = _mark(node)
     nat: list[str] = []
     flt: list[str] = []
@@ -495,12 +642,12 @@ def _iptables(node: NodeContext, sets: dict[str, IpsetSpec]) -> str:
     # Dismiss connections to localhost early in the service chain.
     nat.append("-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN")
     for name, table, src, target, match, proto in _IPSET_RULES:
-        if not sets[name].entries:
+        if name not in nonempty:
             continue
         p = f" -p {proto}" if proto else ""
         rule = f"-A {src}{p} -m comment --comment {comment(name)} -m set --match-set {name} {match} -j {target}"
         (flt if table == "filter" else nat).append(rule)
-    if sets[CLUSTER_IP].entries:
+    if CLUSTER_IP in nonempty:
         # Masquerade off-cluster traffic to a ClusterIP (detect-local by the cluster CIDR): the
         # endpoint may be on another node, and its reply must come back through this one.
         nat.append(
@@ -511,9 +658,9 @@ def _iptables(node: NodeContext, sets: dict[str, IpsetSpec]) -> str:
     nat.append("-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ")
     flt.append("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
     # Accept traffic to a virtual service in case later rules would drop it (must stay last).
-    if sets[CLUSTER_IP].entries:
+    if CLUSTER_IP in nonempty:
         nat.append(f"-A KUBE-SERVICES -m set --match-set {CLUSTER_IP} dst,dst -j ACCEPT")
-    if sets[LOAD_BALANCER].entries:
+    if LOAD_BALANCER in nonempty:
         nat.append(f"-A KUBE-SERVICES -m set --match-set {LOAD_BALANCER} dst,dst -j ACCEPT")
     # Forward marked traffic (NodePorts) even under a DROP policy, and the rest of its flow.
     # IPVS mode has no INVALID drop here (iptables mode has).

@@ -88,3 +88,27 @@ def test_nftables_leftovers_go_when_iptables_is_wanted() -> None:
 def test_rule_set_names(backend: str, rule_set: str) -> None:
     assert ObservedRules.iptables_rule_set(backend) == rule_set
     assert ObservedRules.iptables_backend_of(rule_set) == backend
+
+
+def test_ipvs_partial_sync_unless_real_servers_drain() -> None:
+    """IPVS mode with a matching record: no sync while nothing changed, a partial one for a
+    change; while real servers drain at weight 0, a sync even without a change, and a full one
+    (`resync`: a partial sync looks at the changed services only, a drain may sit elsewhere)."""
+    now = lab("ipvs")
+    assert sync_step(now, observed(now, ipvs=True)) is None
+    step = sync_step(now, observed(now, ipvs=True, ipvs_draining=True))
+    assert step is not None and step.resync and step.full and step.previous == now.rules(now.nodes[0])
+    assert any("draining" in line for line in step.objects()) and "full sync" in step.objects()[0]
+    other = resolve(
+        Topology.model_validate(
+            {
+                "name": "lab1",
+                "cluster": {"proxyMode": "ipvs"},
+                "nodes": [{"name": "node1"}],
+                "deployments": [{"name": "web", "replicas": 3, "serve": [8080]}],
+                "services": [WEB],
+            }
+        )
+    )
+    step = sync_step(other, observed(now, ipvs=True))
+    assert step is not None and not step.resync and not step.full and "partial sync" in step.objects()[0]
