@@ -240,12 +240,14 @@ def guest_env(host: Mapping[str, str], venv_bin: Path) -> dict[str, str]:
     env["VIRTUAL_ENV"] = str(venv_bin.parent)
     # the checkout is read-only in the guest: don't let every import try to write __pycache__
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # stdout is a pipe in the guest (see guest_script): keep Python's output line by line, live
+    env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
 def guest_script(spec: VmSpec) -> str:
     """The POSIX sh script the guest runs: environment, /run, the cached Python trees,
-    modules, then exec the command in its directory."""
+    modules, then the command in its directory, its stdout in 4 KiB writes, its exit status."""
     q = shlex.quote
     mods = " ".join(GUEST_MODULES)
     lines = [
@@ -275,7 +277,13 @@ def guest_script(spec: VmSpec) -> str:
         "fi",
         # after the bind mounts, so that the directory is the cached one
         f"cd {q(str(spec.cwd))} || exit 125",
-        f"exec {shlex.join(spec.command)}",
+        # The command's stdout goes through `dd bs=4096`: a single large write to the guest's
+        # stdout loses everything past its first 32 KiB on the way out of the VM (a 573 KB JSON
+        # line printed at once arrived as 32 KiB), written in 4 KiB pieces it all arrives. Its
+        # exit status is kept in a file (POSIX sh has no pipefail).
+        'netlab_rc=$(mktemp) || exit 125',
+        f'{{ {shlex.join(spec.command)}; echo $? > "$netlab_rc"; }} | dd bs=4096 status=none',
+        'rc=$(cat "$netlab_rc" 2>/dev/null); rm -f "$netlab_rc"; exit "${rc:-125}"',
     ]
     return "\n".join(lines) + "\n"
 

@@ -80,6 +80,7 @@ def test_guest_script(tmp_path: Path) -> None:
         export NETLAB_DEBUG=1
         export PATH=/src/netlab/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
         export PYTHONDONTWRITEBYTECODE=1
+        export PYTHONUNBUFFERED=1
         export VIRTUAL_ENV=/src/netlab/.venv
         if ! mkdir -p /run/netlab /run/netns 2>/dev/null; then
           mount -t tmpfs -o mode=0755 netlab-run /run && mkdir -p /run/netlab /run/netns || exit 125
@@ -95,7 +96,9 @@ access=any netlab-host /run/netlab-vm/host 2>/dev/null; then
           echo "netlab vm: this kernel could not load:$missing" >&2
         fi
         cd /src/netlab || exit 125
-        exec netlab up 'topologies/my lab.yaml'
+        netlab_rc=$(mktemp) || exit 125
+        {{ netlab up 'topologies/my lab.yaml'; echo $? > "$netlab_rc"; }} | dd bs=4096 status=none
+        rc=$(cat "$netlab_rc" 2>/dev/null); rm -f "$netlab_rc"; exit "${{rc:-125}}"
         """
     )
     assert "9p" not in vm.guest_script(spec(tmp_path))  # nothing to serve from the cache: no second mount
