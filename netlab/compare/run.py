@@ -65,9 +65,11 @@ BEHAVIOUR = (
     Row(
         "ping",
         "ping to a ClusterIP",
-        {"iptables": NOT_ECHO, "nftables": NOT_ECHO, "ipvs": ("echo-reply",)},
+        {"iptables": NOT_ECHO, "nftables": NOT_ECHO, "ipvs": ("port-unreachable",)},
         "a ClusterIP is bound to no interface in iptables and nftables mode; IPVS binds every "
-        "ClusterIP to kube-ipvs0, so the node answers",
+        "ClusterIP to kube-ipvs0, so the node itself answers: ICMP port unreachable from the "
+        "ClusterIP, since KUBE-IPVS-FILTER rejects what is not a service port (an echo reply "
+        "before that filter, kube-proxy < 1.26)",
     ),
     Row(
         "unknown-port",
@@ -83,8 +85,11 @@ BEHAVIOUR = (
     Row(
         "local",
         "internalTrafficPolicy Local, no local endpoint",
-        {"iptables": ("timeout",), "nftables": ("timeout",), "ipvs": ("answered",)},
-        'iptables and nftables drop ("has no local endpoints"); IPVS falls back to the cluster\'s endpoints',
+        {"iptables": ("timeout",), "nftables": ("timeout",), "ipvs": ("refused",)},
+        'iptables and nftables drop ("has no local endpoints"); IPVS keeps only local endpoints for '
+        "internalTrafficPolicy Local (syncEndpoint; its PR #97081 fallback to the cluster's endpoints "
+        "is for externalTrafficPolicy Local), so the virtual server has no real server and IPVS "
+        "answers port unreachable",
     ),
     Row(
         "hairpin",

@@ -4,8 +4,9 @@ On the host the ipvs column runs as `netlab vm -- python -m netlab.cli_compare .
 and is merged back; this runs that same command inside the VM, as the host's compare would,
 and checks what it returns: the IPVS objects counted from the kernel, the programming and
 latency runs, the distribution per scheduler, and the behaviour rows where IPVS differs from
-iptables (ping answered, unknown port refused, Local falling back, a service without endpoints
-refused by IPVS itself rather than by a REJECT rule).
+iptables (a ping answered by the node, unknown port refused, internalTrafficPolicy Local without
+a local endpoint refused rather than dropped, a service without endpoints refused by IPVS itself
+rather than by a REJECT rule).
 Small on purpose (10 and 30 services, 40 connections): everything here is emulated.
 """
 
@@ -93,9 +94,9 @@ def test_distribution_per_scheduler(result: dict[str, Any]) -> None:
 
 EXPECTED = {
     "noep": "refused",  # by IPVS itself (ICMP port unreachable from ip_vs_leave), not by a REJECT rule
-    "ping": "echo-reply",  # kube-ipvs0 holds the ClusterIP: the node answers
+    "ping": "port-unreachable",  # kube-ipvs0 holds the ClusterIP: the node answers, KUBE-IPVS-FILTER rejects
     "unknown-port": "refused",  # KUBE-IPVS-FILTER
-    "local": "answered",  # IPVS falls back to the cluster's endpoints
+    "local": "refused",  # internalTrafficPolicy Local: no local endpoint, no real server (no fallback)
     "hairpin": "answered",
     "nodeport:node1": "answered",
     "nodeport:node2": "answered",
