@@ -244,7 +244,18 @@ def delete_peer(ns: str, vni: int, peer: Peer) -> None:
         _peer_requests(ipr, vni, peer, "del")
 
 
-POD_ETH0_INDEX = 2  # a new netns holds only lo (1): the pod's eth0 is created as ifindex 2
+# A new netns holds only lo (1), so the pod's eth0 is created as ifindex 2 -- unless a tunnel
+# module (ipip, sit, gre, ...) is loaded on the host: each new netns then also gets its fallback
+# device (tunl0, sit0, ...), which takes 2. The index is checked per pod (`_free_index`).
+POD_ETH0_INDEX = 2
+
+
+def _free_index(nl: rtnl.Batch, start: int = POD_ETH0_INDEX) -> int:
+    """The lowest ifindex from `start` that nothing in nl's namespace uses (one RTM_GETLINK each)."""
+    index = start
+    while nl.get_link(index=index) is not None:
+        index += 1
+    return index
 
 
 def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> None:
@@ -252,7 +263,7 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
 
     1. one unnamed netns per pod (IPv6 off), with a netlink socket opened inside it;
     2. in the node: every veth pair at once, the pod end created straight into its netns as
-       `eth0` (ifindex 2), the host end `veth<8 hex>` up on cni0, then alias + hairpin;
+       `eth0` (ifindex 2, or the first free one), the host end `veth<8 hex>` up on cni0, then alias + hairpin;
     3. in each pod: lo up with the final ownership mark, eth0 up, address, default route;
     4. publish each netns under its name (journal first).
     Until step 4 the namespaces are held only by open fds: if anything fails, or the process
@@ -261,12 +272,15 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
     """
     alias = naming.link_alias(lab)
     staged: list[tuple[PodPlan, int, rtnl.Batch]] = []
+    eth0: dict[str, int] = {}  # pod netns -> the ifindex its eth0 gets
     try:
         for p in pods:
             with netns.anonymous() as fd:
                 for key, value in _NO_IPV6.items():
                     netns.write_sysctl(key, value)
-                staged.append((p, fd, rtnl.Batch(p.netns)))
+                nl = rtnl.Batch(p.netns)
+                staged.append((p, fd, nl))
+                eth0[p.netns] = _free_index(nl)
         with netns.inside(node.netns):
             host = rtnl.Batch(node.netns)
         with host:
@@ -283,7 +297,7 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
                     mtu=p.mtu,
                     master=cni["index"],
                     peer_name=naming.POD_IFNAME,
-                    peer_index=POD_ETH0_INDEX,
+                    peer_index=eth0[p.netns],
                     peer_mac=p.mac,
                     peer_netns_fd=fd,
                 )
@@ -294,9 +308,9 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
         for p, _, nl in staged:
             mark = naming.netns_mark(lab, "pod", f"{p.key}@{p.node}", p.fingerprint)
             nl.link_set(1, up=True, alias=mark)
-            nl.link_set(POD_ETH0_INDEX, up=True, alias=alias)
-            nl.addr_add(POD_ETH0_INDEX, p.ip.ip, p.ip.network.prefixlen)
-            nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=POD_ETH0_INDEX)
+            nl.link_set(eth0[p.netns], up=True, alias=alias)
+            nl.addr_add(eth0[p.netns], p.ip.ip, p.ip.network.prefixlen)
+            nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=eth0[p.netns])
             nl.commit()
         journal(lab, *(f"netns {p.netns}" for p, _, _ in staged))
         for p, fd, _ in staged:
