@@ -281,7 +281,7 @@ def guest_script(spec: VmSpec) -> str:
         # stdout loses everything past its first 32 KiB on the way out of the VM (a 573 KB JSON
         # line printed at once arrived as 32 KiB), written in 4 KiB pieces it all arrives. Its
         # exit status is kept in a file (POSIX sh has no pipefail).
-        'netlab_rc=$(mktemp) || exit 125',
+        "netlab_rc=$(mktemp) || exit 125",
         f'{{ {shlex.join(spec.command)}; echo $? > "$netlab_rc"; }} | dd bs=4096 status=none',
         'rc=$(cat "$netlab_rc" 2>/dev/null); rm -f "$netlab_rc"; exit "${rc:-125}"',
     ]

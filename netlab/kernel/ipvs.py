@@ -45,6 +45,7 @@ __all__ = [
     "Ipvs",
     "addresses",
     "delete_dummy",
+    "dummy_index",
     "opened",
     "set_addresses",
     "write_sysctls",
@@ -653,6 +654,18 @@ def _ipv4_addresses(sock: socket.socket, skip: int | None = None) -> list[tuple[
                     if family == socket.AF_INET and raw is not None and len(raw) >= 4:
                         out.append((index, IPv4Address(bytes(raw[:4]))))
             off += (length + 3) & ~3
+
+
+def dummy_index(ns: str) -> int | None:
+    """kube-ipvs0's ifindex in `ns` (None if it is missing): one RTM_GETLINK by name."""
+    try:
+        with netns.inside(ns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, rtnl.NETLINK_ROUTE)
+        with sock:
+            sock.bind((0, 0))
+            return _link_index(sock, DUMMY_DEVICE)
+    except OSError as exc:
+        raise KernelError("find " + DUMMY_DEVICE, ns, exc.errno) from exc
 
 
 def addresses(

@@ -61,6 +61,7 @@ from netlab.render.ipvs import (
     IpvsState,
     RealServer,
     VirtualServer,
+    changed_subset,
     render_ipvs,
     render_ipvs_delta,
 )
@@ -269,11 +270,19 @@ def _sync_partial(ns: str, rp: RulesPlan, previous: RulesPlan) -> IpvsSyncResult
     """A partial sync: the record (`previous`) stands for the kernel; only what changed between
     the two plans is sent. KernelError if the kernel disagrees with the record."""
     res = IpvsSyncResult(partial=True)
+    subset = changed_subset(previous.services, rp.services)
     with kipvs.opened(ns) as ipvs:
-        _, node_ips, index = kipvs.addresses(ns, bound=False)
+        if any(s.node_port is not None for part in subset for s in part):
+            # NodePort virtual servers go on every address of the node: one address dump
+            # (it also returns kube-ipvs0's /32s, one per service, skipped undecoded)
+            _, node_ips, index = kipvs.addresses(ns, bound=False)
+        else:  # nothing here depends on the node's addresses: one RTM_GETLINK, whatever the table
+            node_ips, index = None, kipvs.dummy_index(ns)
         if index is None:
             raise KernelError(f"find {DUMMY_DEVICE}", ns, errno.ENODEV)
-        delta = render_ipvs_delta(rp.context, previous.services, rp.services, nodeport_addresses=node_ips)
+        delta = render_ipvs_delta(
+            rp.context, previous.services, rp.services, nodeport_addresses=node_ips, subset=subset
+        )
         lines = delta.ipset_lines()
         ipset.restore(ns, lines)
         res.ipset_changes = len(lines)

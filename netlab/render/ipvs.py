@@ -74,6 +74,7 @@ __all__ = [
     "ipvsadm_lines",
     "ipvsadm_order",
     "render_ipvs",
+    "changed_subset",
     "render_ipvs_delta",
     "trace_ipvs",
 ]
@@ -557,7 +558,7 @@ def _loop_back_entry_users(node: NodeContext, services: Iterable[ServicePort], e
     return out
 
 
-def _changed_subset(
+def changed_subset(
     old: Sequence[ServicePort], new: Sequence[ServicePort]
 ) -> tuple[list[ServicePort], list[ServicePort]]:
     """nftables' `changed_subset` (the changed service ports plus every port sharing a ClusterIP
@@ -588,6 +589,7 @@ def render_ipvs_delta(
     new: Sequence[ServicePort],
     *,
     nodeport_addresses: Sequence[IPv4Address] | None = None,
+    subset: tuple[Sequence[ServicePort], Sequence[ServicePort]] | None = None,
 ) -> IpvsDelta:
     """The change from `render_ipvs(node, old)` to `render_ipvs(node, new)` (same node settings,
     same `nodeport_addresses`), looking at the changed services only: O(changed), not
@@ -597,9 +599,10 @@ def render_ipvs_delta(
     addresses keyed by ClusterIP or NodePort the exact entries, since `changed_subset` brings in
     every port sharing one. KUBE-LOOP-BACK's entries are keyed by endpoint and shared by every
     service of that endpoint: an entry the subset drops or adds is left alone while a service
-    outside the subset still uses it.
+    outside the subset still uses it. `subset`: `changed_subset(old, new)` when the caller has
+    it already (it compares every service pair: the one O(all services) step).
     """
-    old_part, new_part = _changed_subset(old, new)
+    old_part, new_part = changed_subset(old, new) if subset is None else subset
     a = render_ipvs(node, old_part, nodeport_addresses=nodeport_addresses, strict_arp=False)
     b = render_ipvs(node, new_part, nodeport_addresses=nodeport_addresses, strict_arp=False)
     add: list[tuple[str, str]] = []

@@ -266,7 +266,7 @@ def test_dump_reply_with_the_kernels_16_byte_address_and_nested_flag() -> None:
 
 
 def test_changed_subset_shortcut_matches_nftables() -> None:
-    from netlab.render.ipvs import _changed_subset
+    from netlab.render.ipvs import changed_subset as ipvs_subset
     from netlab.render.nftables import changed_subset
 
     moved = replace(API_TCP_PORT2, node_port=30080, protocol=API.protocol)
@@ -277,7 +277,7 @@ def test_changed_subset_shortcut_matches_nftables() -> None:
         ([WEB, WEB2], [WEB2, WEB]),  # reordered: the general path
         (ALL, ALL[1:]),
     ]:
-        assert _changed_subset(old, new) == changed_subset(old, new)
+        assert ipvs_subset(old, new) == changed_subset(old, new)
 
 
 class _FakeNetlink:
