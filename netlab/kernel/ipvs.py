@@ -385,6 +385,11 @@ class Ipvs:
         msg.encode()
         self.sock.send(bytes(msg.data))
         self.requests += 1
+        return self._replies(seq)
+
+    def _replies(self, seq: int) -> list[bytes] | int:
+        """The reply messages to request `seq` (up to NLMSG_DONE, or the one reply of a request
+        that is not a dump), or the errno the kernel answered with."""
         out: list[bytes] = []
         while True:
             data = self.sock.recv(1 << 20)
@@ -462,22 +467,10 @@ class Ipvs:
         hdr = _HDR.pack(_HDR.size + _GENL.size + len(payload), self.family, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         self.sock.send(hdr + _GENL.pack(cmd, GENL_VERSION, 0) + payload)
         self.requests += 1
-        out: list[bytes] = []
-        while True:
-            data = self.sock.recv(1 << 20)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, kind, _, mseq, _ = _HDR.unpack_from(data, off)
-                if mseq == seq:
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, off + _HDR.size)
-                        if code:
-                            raise KernelError(what, self.where, -code)
-                        return out
-                    if kind == NLMSG_DONE:
-                        return out
-                    out.append(data[off : off + length])
-                off += (length + 3) & ~3
+        got = self._replies(seq)  # every part of a dump carries NLM_F_MULTI, up to NLMSG_DONE
+        if isinstance(got, int):
+            raise KernelError(what, self.where, got)
+        return got
 
     def table(self) -> list[VirtualServer]:
         """`services()` in two reads whatever the table's size: one dump of the virtual servers,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from netlab import inspect
@@ -104,17 +104,31 @@ class IpvsSyncResult:
 def _diff_ipvs(ipvs: kipvs.Ipvs, state: IpvsState, res: IpvsSyncResult) -> None:
     """Queue the IPVS changes from the kernel's table to the desired one (syncService,
     syncEndpoint, GracefulDeleteRS, cleanLegacyService)."""
-    have = {v.key: v for v in ipvs.table()}
-    for want in state.virtual_servers:
-        cur = have.pop(want.key, None)
+    _diff_virtual_servers(ipvs, state.virtual_servers, ipvs.table(), res, lambda want, cur: cur.real_servers)
+
+
+def _diff_virtual_servers(
+    ipvs: kipvs.Ipvs,
+    wanted: Iterable[VirtualServer],
+    have: Iterable[VirtualServer],
+    res: IpvsSyncResult,
+    real_servers: Callable[[VirtualServer, VirtualServer], Iterable[RealServer] | None],
+) -> None:
+    """Queue the changes from `have` to `wanted`. `real_servers(want, cur)`: the real servers the
+    kernel holds for a virtual server in both, with their counters (None: they need no change)."""
+    current = {v.key: v for v in have}
+    for want in wanted:
+        cur = current.pop(want.key, None)
         if cur is None:
             _add_vs(ipvs, want, res)
             continue
         if not want.same_config(cur):
             ipvs.set_service(want)
             res.services_updated += 1
-        _diff_dests(ipvs, want, cur.real_servers, res)
-    for stale in have.values():
+        held = real_servers(want, cur)
+        if held is not None:
+            _diff_dests(ipvs, want, held, res)
+    for stale in current.values():
         ipvs.del_service(stale)  # its real servers go with it, without grace (as kube-proxy does)
         res.services_deleted += 1
 
@@ -159,20 +173,11 @@ def _diff_ipvs_partial(ipvs: kipvs.Ipvs, delta: IpvsDelta, res: IpvsSyncResult) 
     """Queue the IPVS changes of a partial sync: the changed services' virtual servers, from the
     record (`delta.before`) to `delta.after`. Only a virtual server whose real servers change is
     read back (one dump: the connection counters decide between delete and drain)."""
-    before = {v.key: v for v in delta.before}
-    for want in delta.after:
-        was = before.pop(want.key, None)
-        if was is None:
-            _add_vs(ipvs, want, res)
-            continue
-        if not want.same_config(was):
-            ipvs.set_service(want)
-            res.services_updated += 1
-        if want.real_servers != was.real_servers:
-            _diff_dests(ipvs, want, ipvs.dests(want), res)
-    for stale in before.values():
-        ipvs.del_service(stale)
-        res.services_deleted += 1
+
+    def real_servers(want: VirtualServer, was: VirtualServer) -> Iterable[RealServer] | None:
+        return ipvs.dests(want) if want.real_servers != was.real_servers else None
+
+    _diff_virtual_servers(ipvs, delta.after, delta.before, res, real_servers)
 
 
 def _args(argv: tuple[str, ...] | list[str]) -> str:

@@ -205,14 +205,10 @@ def _context(payload: str, line: int, around: int = 3) -> str:
 
 
 def _close_quietly(f: IO[str]) -> None:
-    """Close a pipe whose reader is gone: the final flush fails, and a file object whose close
-    failed is closed again (and fails again) when the Popen is closed, so retry until it is."""
-    for _ in range(3):
-        try:
-            f.close()
-            return
-        except BrokenPipeError:
-            continue
+    """Close a pipe whose reader is gone: the final flush fails with EPIPE, the file is closed
+    anyway (so the Popen's own close later does nothing)."""
+    with contextlib.suppress(BrokenPipeError):
+        f.close()
 
 
 def apply_iptables(ns: str, tool: IptablesTool, payload: str | Iterable[str], *, noflush: bool = True) -> None:

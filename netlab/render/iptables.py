@@ -399,6 +399,11 @@ def _check_unique(services: Sequence[ServicePort]) -> None:
 def _plans(node: NodeContext, services: Sequence[ServicePort]) -> list[_Plan]:
     """One plan per service port, in a fixed order (kube-proxy walks a Go map: any order is faithful)."""
     _check_unique(services)
+    return _ordered_plans(node, services)
+
+
+def _ordered_plans(node: NodeContext, services: Sequence[ServicePort]) -> list[_Plan]:
+    """`_plans` without the duplicate check (for a caller that made it)."""
     ordered = sorted(services, key=lambda s: (s.namespace, s.name, s.port_name, s.proto))
     return [_plan(node, s) for s in ordered]
 
@@ -530,8 +535,11 @@ def iter_render_iptables(
     `iptables-restore` while the tool parses the ones before (the render of 10k services takes
     ~0.3 s, the tool ~2.5 s). Arguments are checked now (ValueError, as render_iptables), before
     anything reaches a tool; "".join of the pieces equals render_iptables' text."""
-    if stale:
-        wanted = {c for p in _plans(node, services) for c in p.chains()}
+    _check_unique(services)
+    # with stale chains, the plans are needed now (to check them) and reused by the render
+    plans = _ordered_plans(node, services) if stale else None
+    if plans is not None:
+        wanted = {c for p in plans for c in p.chains()}
         for chain in stale:
             if not is_service_chain(chain):
                 raise ValueError(
@@ -539,12 +547,11 @@ def iter_render_iptables(
                 )
             if chain in wanted:
                 raise ValueError(f"{chain} is stale but still used by a service; it must not be deleted")
-    else:
-        _check_unique(services)
 
     def pieces() -> Iterator[str]:
         large = is_large_cluster(services) if large_cluster is None else large_cluster
-        out = _render(node, _plans(node, services), large_cluster=large, only=only, stale=stale, stream=True)
+        ordered = plans if plans is not None else _ordered_plans(node, services)
+        out = _render(node, ordered, large_cluster=large, only=only, stale=stale, stream=True)
         if whole_tables:
             _add_builtin_chains(out, node)
         yield from out.chunks()
