@@ -246,7 +246,8 @@ def delete_peer(ns: str, vni: int, peer: Peer) -> None:
 
 # A new netns holds only lo (1), so the pod's eth0 is created as ifindex 2 -- unless a tunnel
 # module (ipip, sit, gre, ...) is loaded on the host: each new netns then also gets its fallback
-# device (tunl0, sit0, ...), which takes 2. The index is checked per pod (`_free_index`).
+# device (tunl0, sit0, ...), which takes 2. The first free index is asked of the first new
+# netns of a batch (`_free_index`); the host's modules give every new netns the same devices.
 POD_ETH0_INDEX = 2
 
 
@@ -272,15 +273,15 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
     """
     alias = naming.link_alias(lab)
     staged: list[tuple[PodPlan, int, rtnl.Batch]] = []
-    eth0: dict[str, int] = {}  # pod netns -> the ifindex its eth0 gets
+    eth0 = POD_ETH0_INDEX  # every new netns gets the same fallback devices: asked of the first
     try:
         for p in pods:
             with netns.anonymous() as fd:
                 for key, value in _NO_IPV6.items():
                     netns.write_sysctl(key, value)
-                nl = rtnl.Batch(p.netns)
-                staged.append((p, fd, nl))
-                eth0[p.netns] = _free_index(nl)
+                staged.append((p, fd, rtnl.Batch(p.netns)))
+        if staged:
+            eth0 = _free_index(staged[0][2])
         with netns.inside(node.netns):
             host = rtnl.Batch(node.netns)
         with host:
@@ -297,7 +298,7 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
                     mtu=p.mtu,
                     master=cni["index"],
                     peer_name=naming.POD_IFNAME,
-                    peer_index=eth0[p.netns],
+                    peer_index=eth0,
                     peer_mac=p.mac,
                     peer_netns_fd=fd,
                 )
@@ -308,9 +309,9 @@ def create_pods(lab: str, node: NodePlan, pods: list[PodPlan], undo: Undo) -> No
         for p, _, nl in staged:
             mark = naming.netns_mark(lab, "pod", f"{p.key}@{p.node}", p.fingerprint)
             nl.link_set(1, up=True, alias=mark)
-            nl.link_set(eth0[p.netns], up=True, alias=alias)
-            nl.addr_add(eth0[p.netns], p.ip.ip, p.ip.network.prefixlen)
-            nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=eth0[p.netns])
+            nl.link_set(eth0, up=True, alias=alias)
+            nl.addr_add(eth0, p.ip.ip, p.ip.network.prefixlen)
+            nl.route_add("0.0.0.0", 0, gateway=p.gateway, oif=eth0)
             nl.commit()
         journal(lab, *(f"netns {p.netns}" for p, _, _ in staged))
         for p, fd, _ in staged:
